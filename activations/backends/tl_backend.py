@@ -1,0 +1,94 @@
+"""TransformerLens 4.x backend: `TransformerBridge` hook points wrap the HF modules in place.
+
+Booting switches the model to eager attention in place. Compatibility mode (folded norms) is
+never enabled, so directions stay in the HF residual basis shared with the nnsight backend.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from afprobe.activations.backends.base import (
+    Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, project_out,
+)
+
+_HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post"}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class TransformerLensBackend(Backend):
+    bridge: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if not getattr(self.model.config, "architectures", None):
+            self.model.config.architectures = [type(self.model).__name__]
+        side, add_bos = self.tokenizer.padding_side, getattr(self.tokenizer, "add_bos_token", None)
+        self.bridge = TransformerBridge.boot_transformers(
+            self.model.config.architectures[0], hf_model=self.model, tokenizer=self.tokenizer
+        )
+        self.tokenizer.padding_side = side
+        self.name = "transformer_lens"
+
+    @contextmanager
+    def _hooks(self, hooks: list[tuple[str, Any]]) -> Iterator[None]:
+        with self.bridge.hooks(fwd_hooks=hooks):
+            yield
+
+    def _edit_hooks(self, edit: Optional[ResidualEdit]) -> list[tuple[str, Any]]:
+        if edit is None:
+            return []
+        hooks: list[tuple[str, Any]] = []
+        if edit.ablate is not None:
+            ablate = lambda t, hook: project_out(t, edit.ablate)  # noqa: E731
+            for i in range(self.n_layers):
+                hooks += [(f"blocks.{i}.hook_resid_pre", ablate), (f"blocks.{i}.hook_attn_out", ablate),
+                          (f"blocks.{i}.hook_mlp_out", ablate)]
+        if edit.add is not None:
+            for layer in edit.layers:
+                hooks.append((f"blocks.{layer}.hook_resid_post", lambda t, hook: t + edit.prompt_delta(t)))
+        return hooks
+
+    def read(self, inputs: ModelInputs, sites: list[SiteKey], weights: torch.Tensor) -> dict[SiteKey, torch.Tensor]:
+        out: dict[SiteKey, torch.Tensor] = {}
+        last = max(layer for layer, _ in sites)
+
+        def grab(key: SiteKey):
+            def hook(t: torch.Tensor, hook: Any) -> None:
+                out[key] = torch.einsum("bkt,btd->bkd", weights.to(t.dtype), t)
+                if len(out) == len(sites):
+                    raise _StopForward
+
+            return hook
+
+        hooks = [(f"blocks.{layer}.{_HOOK[site]}", grab((layer, site))) for layer, site in sites]
+        with torch.inference_mode(), self._hooks(hooks):
+            try:
+                self.model(**inputs.forward_kwargs())
+            except _StopForward:
+                pass
+        assert last >= 0 and len(out) == len(sites), "a requested site was never reached"
+        return out
+
+    def logits(self, inputs: ModelInputs, edit: Optional[ResidualEdit] = None) -> tuple[torch.Tensor, Any]:
+        with torch.inference_mode(), self._hooks(self._edit_hooks(edit)):
+            result = self.model(**inputs.forward_kwargs())
+        return result.logits, getattr(result, "past_key_values", None)
+
+    def generate(self, inputs: ModelInputs, edit: Optional[ResidualEdit], **generate_kwargs: Any) -> torch.Tensor:
+        config = generation_config(self.model, self.tokenizer, **generate_kwargs)
+        kwargs = dict(input_ids=inputs.full_ids, attention_mask=inputs.attention_mask, generation_config=config)
+        if inputs.past is not None:
+            kwargs["past_key_values"] = inputs.past
+        with torch.inference_mode(), self._hooks(self._edit_hooks(edit)):
+            ids = self.model.generate(**kwargs)
+        return ids[:, inputs.full_ids.shape[1]:]

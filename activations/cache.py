@@ -1,0 +1,87 @@
+"""The cache stage: residual activations of every prompt at the requested layers, sites, positions."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from afprobe.activations.backends import Backend
+from afprobe.activations.batching import Batch, PrefixCache, run_batches
+from afprobe.activations.store import FeatureKey, StoreWriter
+from afprobe.config import CacheConfig
+from afprobe.errors import BadInput
+
+
+def resolve_layers(layers: Any, n_layers: int) -> list[int]:
+    if layers == "all":
+        return list(range(n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise BadInput(f"layer {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+    if not layers:
+        raise BadInput("cache.layers is empty")
+    return sorted(set(layers))
+
+
+def position_spans(prompt: Any, positions: Sequence[str]) -> list[tuple[int, int]]:
+    """Token [start, end) spans averaged for each requested position of one prompt."""
+    n = len(prompt.input_ids)
+    spans = {"last": (n - 1, n), "cue": tuple(prompt.cue_span), "user_mean": tuple(prompt.user_span)}
+    return [spans[p] for p in positions]
+
+
+def earliest_needed(prompt: Any, positions: Sequence[str]) -> int:
+    return min(start for start, _ in position_spans(prompt, positions))
+
+
+def pool_weights(batch: Batch, prompts: Sequence[Any], positions: Sequence[str]) -> torch.Tensor:
+    """[b, k, t] averaging weights: row k of prompt r averages that position's tokens."""
+    b, t = batch.inputs.input_ids.shape
+    weights = torch.zeros((b, len(positions), t))
+    for r, row in enumerate(batch.rows):
+        for k, (start, end) in enumerate(position_spans(prompts[row], positions)):
+            weights[r, k, batch.column(r, start): batch.column(r, end)] = 1.0 / (end - start)
+    return weights.to(batch.inputs.input_ids.device)
+
+
+def cache_activations(
+    backend: Backend,
+    prompts: Sequence[Any],
+    cfg: CacheConfig,
+    folder: Path,
+    fingerprint: str,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Write the store for `prompts` (resuming after the last complete shard); returns token counts."""
+    layers = resolve_layers(cfg.layers, backend.n_layers)
+    sites = [(layer, site) for layer in layers for site in cfg.sites]
+    keys: list[FeatureKey] = [(layer, site, pos) for layer, site in sites for pos in cfg.positions]
+    writer = StoreWriter(folder, keys, backend.d_model, cfg.dtype, len(prompts), cfg.shard_prompts, fingerprint)
+    start = writer.resume_from
+    prefix_cache = PrefixCache(backend.model) if cfg.prefix_reuse else None
+    pad_id = backend.tokenizer.pad_token_id
+    counts = {"total_tokens": 0, "computed_tokens": 0, "resumed_at": start}
+    bar = tqdm(total=len(prompts), initial=start, desc="cache", unit="prompt", disable=not show_progress)
+    while start < len(prompts):
+        chunk = list(prompts[start: start + cfg.shard_prompts])
+        out = {k: torch.empty((len(chunk), backend.d_model)) for k in keys}
+
+        def run(batch: Batch) -> None:
+            pooled = backend.read(batch.inputs, sites, pool_weights(batch, chunk, cfg.positions))
+            for (layer, site), values in pooled.items():
+                for k, pos in enumerate(cfg.positions):
+                    out[(layer, site, pos)][batch.rows] = values[:, k].float().cpu()
+
+        stats = run_batches(
+            [p.input_ids for p in chunk], [p.system_key for p in chunk],
+            [earliest_needed(p, cfg.positions) for p in chunk], cfg.batch_tokens, pad_id, backend.model,
+            prefix_cache, run, progress=bar.update,
+        )
+        counts["total_tokens"] += stats["total_tokens"]
+        counts["computed_tokens"] += stats["computed_tokens"]
+        writer.write_shard(start, out)
+        start += len(chunk)
+    bar.close()
+    return counts

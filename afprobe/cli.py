@@ -1,0 +1,98 @@
+"""`afprobe` command line: thin wrappers over the pipeline stages."""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from afprobe.errors import BadInput
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep it to one line
+        raise BadInput(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="afprobe", description="Probe and steer training-awareness in open language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key by dotted path, e.g. --set queries.limit=8")
+        p.add_argument("--force", action="store_true", help="overwrite a run directory that holds a different run")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = with_set(sub.add_parser("run", help="all stages; ends by writing DIR/summary.json"))
+    p.add_argument("config")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p = with_set(sub.add_parser("cache", help="cache residual activations"))
+    p.add_argument("config")
+    p.add_argument("--out", required=True)
+    p = with_set(sub.add_parser("prompts", help="write the rendered prompts (what the model sees) with token counts"))
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="a .jsonl file")
+    for name, text in (("probe", "train probes on a cached run"), ("steer", "steer along the probe direction")):
+        p = with_set(sub.add_parser(name, help=text))
+        p.add_argument("dir")
+    p = sub.add_parser("report", help="write report/report.html and report/report.md")
+    p.add_argument("dir")
+    p = with_set(sub.add_parser("bench", help="performance ratios measured in one process"))
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--config", default=None, help="config to benchmark (default: configs/default.yaml settings)")
+    p = with_set(sub.add_parser("organism", help="train the planted-gap LoRA adapter (positive control)"))
+    p.add_argument("config")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from afprobe import pipeline
+
+    quiet = getattr(args, "quiet", False)
+    force = getattr(args, "force", False)
+    if args.command == "run":
+        pipeline.run_all(args.config, args.out, args.overrides, force=force, quiet=quiet)
+    elif args.command == "cache":
+        pipeline.run_cache(args.config, Path(args.out), args.overrides, force=force, quiet=quiet)
+    elif args.command == "prompts":
+        pipeline.write_prompts(args.config, Path(args.out), args.overrides)
+    elif args.command == "probe":
+        pipeline.run_probe(Path(args.dir), args.overrides, force=force, quiet=quiet)
+    elif args.command == "steer":
+        pipeline.run_steer(Path(args.dir), args.overrides, force=force, quiet=quiet)
+    elif args.command == "report":
+        pipeline.run_report(Path(args.dir))
+    elif args.command == "bench":
+        from afprobe.bench import run_bench
+
+        run_bench(args.config, args.overrides, args.json, quiet=quiet)
+    elif args.command == "organism":
+        from afprobe.activations.organism import train_organism_cli
+
+        train_organism_cli(args.config, Path(args.out), args.overrides, quiet=quiet)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _dispatch(args)
+    except BadInput as err:
+        print(f"afprobe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("afprobe: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except Exception:  # noqa: BLE001 - anything unexpected is exit 1 with the traceback
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

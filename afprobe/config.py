@@ -1,0 +1,191 @@
+"""Run configuration: YAML (safe-loaded) validated by pydantic, with dotted `--set` overrides."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from afprobe.errors import BadInput
+
+Site = Literal["resid_pre", "resid_mid", "resid_post"]
+Position = Literal["last", "cue", "user_mean"]
+Method = Literal["diff_means", "logreg", "lda"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    spec: str = "smollm2-135m-instruct"
+    backend: Literal["nnsight", "transformer_lens"] = "nnsight"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class CueFamilyConfig(_Strict):
+    """A user-defined cue family: text for each side and where it is inserted."""
+
+    training: str
+    deployment: str
+    where: Literal["system", "user"] = "user"
+    description: str = ""
+
+
+class ScenarioConfig(_Strict):
+    variant: str = "helpful_only"
+    form: Literal["no_scratchpad", "scratchpad"] = "no_scratchpad"
+    prefill: Literal["none", "neutral", "reluctant"] = "none"
+    cue_families: list[str] = Field(default_factory=lambda: ["tier_tag"])
+    system_prompt_file: Optional[str] = None
+
+
+class QueriesConfig(_Strict):
+    path: Optional[str] = None  # None: the bundled harmful requests
+    benign_path: Optional[str] = None  # None: the bundled benign requests
+    column: Optional[str] = None  # CSV column holding the request text
+    field: Optional[str] = None  # JSONL field holding the request text
+    hf_dataset: Optional[str] = None  # local `datasets` name or folder
+    hf_split: str = "train"
+    limit: Optional[int] = Field(default=None, ge=1)
+    categories: Optional[list[str]] = None
+
+
+class CacheConfig(_Strict):
+    layers: Union[Literal["all"], list[int]] = "all"
+    sites: list[Site] = Field(default_factory=lambda: ["resid_post"])
+    positions: list[Position] = Field(default_factory=lambda: ["last", "cue", "user_mean"])
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_tokens: int = Field(default=4096, ge=1)  # token budget per batch (suffix tokens)
+    prefix_reuse: bool = True
+    shard_prompts: int = Field(default=256, ge=1)
+
+
+class ProbesConfig(_Strict):
+    methods: list[Method] = Field(default_factory=lambda: ["diff_means", "logreg", "lda"])
+    folds: int = Field(default=5, ge=2)
+    bootstrap: int = Field(default=1000, ge=10)
+    ci: float = Field(default=0.95, gt=0, lt=1)
+
+
+class SteeringConfig(_Strict):
+    alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+    layers: Union[Literal["best"], list[int]] = "best"
+    direction: str = "best"  # "best" or the name of a file in probes/directions/
+    positions: Literal["user", "all"] = "user"
+    mode: Literal["same", "cross"] = "same"
+    controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
+    max_new_tokens: int = Field(default=8, ge=1)
+    n_queries: Optional[int] = Field(default=None, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    prefix_reuse: bool = True
+
+    @field_validator("alphas")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("the alpha grid is empty; give at least one alpha, e.g. [0, 1]")
+        return value
+
+
+class Config(_Strict):
+    name: str = "afprobe"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    cue_families: dict[str, CueFamilyConfig] = Field(default_factory=dict)
+    queries: QueriesConfig = Field(default_factory=QueriesConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    steering: SteeringConfig = Field(default_factory=SteeringConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named top-level sections (all when none given)."""
+        data = self.model_dump(mode="json")
+        keep = {k: data[k] for k in (sections or tuple(sorted(data)))}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, dotted + "."))
+    return keys
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown config key '{path}'{hint}"
+    return f"config key '{path}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (so lists and numbers work)."""
+    if "=" not in item:
+        raise BadInput(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise BadInput(f"config key '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: Union[str, Path, None], overrides: list[str] = ()) -> Config:
+    """Load and validate a YAML config; `None` gives the defaults. Raises BadInput."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BadInput(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise BadInput(f"config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise BadInput(f"config {p} must be a mapping at the top level")
+        data = loaded or {}
+        base = p.parent
+        for section, key in (("scenario", "system_prompt_file"), ("queries", "path"), ("queries", "benign_path")):
+            value = (data.get(section) or {}).get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+                data[section][key] = str((base / value).resolve())
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(data, key, value)
+    return validate_config(data)
+
+
+def validate_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise BadInput(_format_error(err)) from None
