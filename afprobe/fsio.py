@@ -64,3 +64,15 @@ def inside(root: PathLike, *parts: str) -> Path:
     if root != target and root not in target.parents:
         raise BadInput(f"path {'/'.join(parts)} escapes {root}")
     return target
+
+
+def atomic_write_csv(path: PathLike, rows: Iterable[dict], columns: Iterable[str]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())

@@ -31,11 +31,15 @@ def smol():
 
 @pytest.fixture(scope="session")
 def smol_backends(smol):
-    """Both backends on the one embedded model (TransformerLens switches it to eager attention)."""
+    """Both backends on the embedded model. nnsight shares the session instance; TransformerLens gets
+    its own copy, because booting a bridge rewires the HF module tree in place (and sets eager attention)."""
+    import copy
+
     from afprobe.activations.backends import make_backend
 
     model, tokenizer = smol
-    return {name: make_backend(name, model, tokenizer) for name in ("nnsight", "transformer_lens")}
+    return {"nnsight": make_backend("nnsight", model, tokenizer),
+            "transformer_lens": make_backend("transformer_lens", copy.deepcopy(model), tokenizer)}
 
 
 def hf_residuals(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[tuple[int, str], torch.Tensor]:

@@ -1,0 +1,139 @@
+"""Steered generation and teacher-forced log-odds over prompts, batched with shared-prefix reuse.
+
+A `SteeringSpec` says what to do to the residual stream: add `alpha * separation * unit` after the
+given layers (from the user turn on, or at all positions), or project `unit` out everywhere
+(ablation). Prefix reuse is decided here: it stays on only when the edit leaves the prefix untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+
+from afprobe.activations.backends import Backend, ResidualEdit
+from afprobe.activations.batching import Batch, PrefixCache, run_batches
+
+Direction = Literal["probe", "random", "ablation", "refusal"]
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """One steering condition. `alpha` is in units of the class-mean separation along `unit`.
+
+    mode "same": every prompt gets +alpha. mode "cross": deployment prompts get +alpha (toward
+    training), training prompts -alpha (toward deployment).
+    """
+
+    direction: Direction
+    unit: torch.Tensor  # [d], unit norm, pointing toward "training"
+    separation: float
+    layers: tuple[int, ...]
+    alpha: float = 0.0
+    mode: Literal["same", "cross"] = "same"
+    positions: Literal["user", "all"] = "user"
+
+    @property
+    def ablate(self) -> bool:
+        return self.direction == "ablation"
+
+    @property
+    def touches_prefix(self) -> bool:
+        return self.ablate or self.positions == "all"
+
+    def row_alphas(self, labels: Sequence[int]) -> torch.Tensor:
+        """[b] signed alpha per prompt (label 1 = training cue)."""
+        if self.mode == "same":
+            return torch.full((len(labels),), float(self.alpha))
+        return torch.tensor([-self.alpha if y == 1 else self.alpha for y in labels], dtype=torch.float32)
+
+    def edit(self, batch: Batch, prompts: Sequence[Any]) -> Optional[ResidualEdit]:
+        if self.ablate:
+            return ResidualEdit(ablate=self.unit.to(batch.inputs.input_ids.device))
+        alphas = self.row_alphas([prompts[r].label for r in batch.rows])
+        if not bool(alphas.any()):
+            return None  # alpha = 0 is exactly the unsteered model
+        add = alphas[:, None] * self.separation * self.unit[None, :]
+        mask = None
+        if self.positions == "user":
+            b, t = batch.inputs.input_ids.shape
+            mask = torch.zeros((b, t))
+            for r, row in enumerate(batch.rows):
+                mask[r, max(0, batch.column(r, prompts[row].user_span[0])):] = 1.0
+        device = batch.inputs.input_ids.device
+        return ResidualEdit(layers=self.layers, add=add.to(device), add_mask=None if mask is None else mask.to(device))
+
+
+def random_orthogonal(unit: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random unit vector orthogonal to `unit` ([d])."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(unit.shape[0], generator=gen, dtype=torch.float64)
+    u = unit.to(torch.float64)
+    v = v - (v @ u) * u
+    return (v / v.norm()).to(unit.dtype)
+
+
+@dataclass
+class SteeringRunner:
+    """Runs a `SteeringSpec` over prompts: completions and accept-vs-reject log-odds per prompt."""
+
+    backend: Backend
+    batch_tokens: int = 4096
+    prefix_reuse: bool = True
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        self._prefix_cache = PrefixCache(self.backend.model) if self.prefix_reuse else None
+        self.token_counts = {"total_tokens": 0, "computed_tokens": 0}
+
+    def _run(self, seqs: list[list[int]], prompts: Sequence[Any], spec: Optional[SteeringSpec],
+             fn: Callable[[Batch, Optional[ResidualEdit]], None], progress: Optional[Callable[[int], None]]) -> None:
+        cache = None if spec is not None and spec.touches_prefix else self._prefix_cache
+        earliest = [p.user_span[0] for p in prompts]
+        stats = run_batches(
+            seqs, [p.system_key for p in prompts], earliest, self.batch_tokens, self.backend.tokenizer.pad_token_id,
+            self.backend.model, cache, lambda batch: fn(batch, spec.edit(batch, prompts) if spec else None),
+            progress, self.max_batch,
+        )
+        for k in self.token_counts:
+            self.token_counts[k] += stats[k]
+
+    def generate(self, prompts: Sequence[Any], spec: Optional[SteeringSpec], max_new_tokens: int,
+                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                 progress: Optional[Callable[[int], None]] = None) -> list[str]:
+        """Completion text per prompt (greedy unless `do_sample`)."""
+        texts: list[str] = [""] * len(prompts)
+        tokenizer = self.backend.tokenizer
+
+        def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
+            settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+            if do_sample:
+                settings["temperature"] = temperature
+                torch.manual_seed(seed + batch.rows[0])
+            new = self.backend.generate(batch.inputs, edit, **settings)
+            for r, row in enumerate(batch.rows):
+                texts[row] = tokenizer.decode(new[r], skip_special_tokens=True)
+
+        self._run([list(p.input_ids) for p in prompts], prompts, spec, fn, progress)
+        return texts
+
+    def log_odds(self, prompts: Sequence[Any], spec: Optional[SteeringSpec], accept: str, reject: str,
+                 progress: Optional[Callable[[int], None]] = None) -> list[float]:
+        """Teacher-forced log P(accept tag) - log P(reject tag) at the answer start, per prompt."""
+        tokenizer = self.backend.tokenizer
+        tags = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (accept, reject)]
+        seqs = [list(p.input_ids) + tag for p in prompts for tag in tags]
+        doubled = [p for p in prompts for _ in tags]
+        logps = [0.0] * len(seqs)
+
+        def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
+            logits, _ = self.backend.logits(batch.inputs, edit)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for r, row in enumerate(batch.rows):
+                tag = tags[row % 2]
+                n = len(seqs[row])
+                cols = [batch.column(r, i) for i in range(n - len(tag) - 1, n - 1)]
+                logps[row] = float(sum(logprobs[r, c, tok] for c, tok in zip(cols, tag)))
+
+        self._run(seqs, doubled, spec, fn, progress)
+        return [logps[2 * i] - logps[2 * i + 1] for i in range(len(prompts))]
