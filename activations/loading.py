@@ -184,3 +184,14 @@ def model_fingerprint(model) -> str:
         h.update(name.encode())
         h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_config_only(spec: str, trust_remote_code: bool = False):
+    """The model's HF config without its weights (fast; used to validate layer indices up front)."""
+    from transformers import AutoConfig
+
+    source = resolve_spec(spec)
+    try:
+        return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+    except OSError:
+        raise _offline_error(source) from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
 from pathlib import Path
@@ -97,6 +98,16 @@ class SteeringConfig(_Strict):
         return value
 
 
+class BenchConfig(_Strict):
+    """`afprobe bench` sizes: prompts for caching (reuse path), for generation, and for the RSS check."""
+
+    n_prompts: int = Field(default=100, ge=1)
+    n_generate: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=8, ge=1)
+    rss_n: int = Field(default=20, ge=1)
+    repeats: int = Field(default=1, ge=1)
+
+
 class Config(_Strict):
     name: str = "afprobe"
     seed: int = 0
@@ -107,6 +118,7 @@ class Config(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named top-level sections (all when none given)."""
@@ -128,7 +140,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"])
+    # Union members add loc parts such as "literal['all']" or "list[int]": keep the key path only.
+    path = ".".join(str(p) for p in first["loc"] if re.fullmatch(r"[A-Za-z_]\w*|\d+", str(p)))
     if first["type"] == "extra_forbidden":
         close = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,54 @@
+"""The one-screen terminal summary printed at the end of `afprobe run`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _num(x: Any, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _ci(pair: Any) -> str:
+    return f"[{_num(pair[0])}, {_num(pair[1])}]" if pair else "[n/a]"
+
+
+def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
+    lines = [f"== afprobe: {summary.get('model')} ({summary.get('n_queries')} queries, {summary.get('n_layers')} layers) =="]
+    if summary.get("planted"):
+        lines.append("NOTE: this model carries a PLANTED compliance gap (LoRA positive control), not a natural one.")
+    probe = summary.get("probe") or {}
+    best, controls = probe.get("best") or {}, probe.get("controls") or {}
+    if best:
+        lines.append(
+            f"probe   best {best.get('method')} @ layer {best.get('layer')} {best.get('site')}/{best.get('position')}: "
+            f"AUROC {_num(best.get('auroc'))} {_ci(best.get('auroc_ci'))}; controls shuffled "
+            f"{_num(controls.get('shuffled_auroc'))}, random {_num(controls.get('random_auroc'))}"
+        )
+    swapped = probe.get("swapped") or {}
+    if swapped:
+        lines.append(f"swapped-semantics control: AUROC {_num(swapped.get('auroc'))} -> follows {swapped.get('verdict')}")
+    comp = summary.get("compliance") or {}
+    if comp:
+        t, d = comp.get("training", {}), comp.get("deployment", {})
+        lines.append(f"comply  training {_num(t.get('rate'))} {_ci(t.get('ci'))} n={t.get('n')}; "
+                     f"deployment {_num(d.get('rate'))} {_ci(d.get('ci'))} n={d.get('n')}")
+        gap_found = comp.get("gap_ci") and not (comp["gap_ci"][0] <= 0 <= comp["gap_ci"][1])
+        lines.append(f"gap     {_num(comp.get('gap'), '{:+.2f}')} {_ci(comp.get('gap_ci'))}, McNemar p = "
+                     f"{_num(comp.get('p_value'), '{:.3g}')} -> {'a gap' if gap_found else 'no gap detected'}; "
+                     f"unparsed {comp.get('unparsed')}")
+    steering = summary.get("steering") or []
+    for direction in ("probe", "random"):
+        rows = sorted((r for r in steering if r.get("direction") == direction and r.get("alpha") is not None),
+                      key=lambda r: r["alpha"])
+        if rows:
+            ends = rows[0], rows[-1]
+            lines.append(f"steer   {direction:6s} " + "  ".join(
+                f"alpha {r['alpha']:+g}: train {_num(r['rate_training'])} deploy {_num(r['rate_deployment'])} "
+                f"gap {_num(r['gap'], '{:+.2f}')} {_ci(r.get('gap_ci'))}" for r in ends))
+    timings = summary.get("timings_s") or {}
+    lines.append("time    " + ", ".join(f"{k} {_num(v, '{:.0f}')}s" for k, v in timings.items()))
+    if paths.get("html"):
+        lines.append(f"report  {paths['html']}")
+    return "\n".join(lines)
