@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +46,32 @@ def pool_weights(batch: Batch, prompts: Sequence[Any], positions: Sequence[str])
     return weights.to(batch.inputs.input_ids.device)
 
 
+def read_pooled(
+    backend: Backend,
+    prompts: Sequence[Any],
+    sites: list[tuple[int, str]],
+    positions: Sequence[str],
+    batch_tokens: int,
+    prefix_cache: Optional[PrefixCache],
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[dict[FeatureKey, torch.Tensor], dict[str, int]]:
+    """Pooled residuals of `prompts`: {(layer, site, position): [n, d_model] float32}, plus token counts."""
+    out = {(layer, site, pos): torch.empty((len(prompts), backend.d_model)) for layer, site in sites for pos in positions}
+
+    def run(batch: Batch) -> None:
+        pooled = backend.read(batch.inputs, sites, pool_weights(batch, prompts, positions))
+        for (layer, site), values in pooled.items():
+            for k, pos in enumerate(positions):
+                out[(layer, site, pos)][batch.rows] = values[:, k].float().cpu()
+
+    stats = run_batches(
+        [p.input_ids for p in prompts], [p.system_key for p in prompts],
+        [earliest_needed(p, positions) for p in prompts], batch_tokens, backend.tokenizer.pad_token_id,
+        backend.model, prefix_cache, run, progress=progress,
+    )
+    return out, stats
+
+
 def cache_activations(
     backend: Backend,
     prompts: Sequence[Any],
@@ -61,24 +87,11 @@ def cache_activations(
     writer = StoreWriter(folder, keys, backend.d_model, cfg.dtype, len(prompts), cfg.shard_prompts, fingerprint)
     start = writer.resume_from
     prefix_cache = PrefixCache(backend.model) if cfg.prefix_reuse else None
-    pad_id = backend.tokenizer.pad_token_id
     counts = {"total_tokens": 0, "computed_tokens": 0, "resumed_at": start}
     bar = tqdm(total=len(prompts), initial=start, desc="cache", unit="prompt", disable=not show_progress)
     while start < len(prompts):
         chunk = list(prompts[start: start + cfg.shard_prompts])
-        out = {k: torch.empty((len(chunk), backend.d_model)) for k in keys}
-
-        def run(batch: Batch) -> None:
-            pooled = backend.read(batch.inputs, sites, pool_weights(batch, chunk, cfg.positions))
-            for (layer, site), values in pooled.items():
-                for k, pos in enumerate(cfg.positions):
-                    out[(layer, site, pos)][batch.rows] = values[:, k].float().cpu()
-
-        stats = run_batches(
-            [p.input_ids for p in chunk], [p.system_key for p in chunk],
-            [earliest_needed(p, cfg.positions) for p in chunk], cfg.batch_tokens, pad_id, backend.model,
-            prefix_cache, run, progress=bar.update,
-        )
+        out, stats = read_pooled(backend, chunk, sites, cfg.positions, cfg.batch_tokens, prefix_cache, bar.update)
         counts["total_tokens"] += stats["total_tokens"]
         counts["computed_tokens"] += stats["computed_tokens"]
         writer.write_shard(start, out)

@@ -133,6 +133,7 @@ def load_model(
     tok = load_tokenizer(spec, trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # afprobe shows its own progress per stage
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder,
@@ -145,6 +146,7 @@ def load_model(
         raise _offline_error(source) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if source.adapter:
         model = merge_adapter(model, source.adapter)
     if not getattr(model.config, "architectures", None):

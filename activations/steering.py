@@ -6,12 +6,14 @@ given layers (from the user turn on, or at all positions), or project `unit` out
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
-from afprobe.activations.backends import Backend, ResidualEdit
+from transformers import DynamicCache
+
+from afprobe.activations.backends import Backend, ModelInputs, ResidualEdit
 from afprobe.activations.batching import Batch, PrefixCache, run_batches
 
 Direction = Literal["probe", "random", "ablation", "refusal"]
@@ -137,3 +139,76 @@ class SteeringRunner:
 
         self._run(seqs, doubled, spec, fn, progress)
         return [logps[2 * i] - logps[2 * i + 1] for i in range(len(prompts))]
+
+    def score(self, prompts: Sequence[Any], spec: Optional[SteeringSpec], accept: str, reject: str,
+              max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+              progress: Optional[Callable[[int], None]] = None) -> tuple[list[str], list[float]]:
+        """Completions and log-odds together, running each prompt once.
+
+        The prompt pass keeps its KV cache; the two answer tags are teacher-forced from a copy of it,
+        and generation continues from it, so per prompt only the suffix plus a few tokens are computed.
+        Equal to `generate` and `log_odds` run separately (tested).
+        """
+        tokenizer = self.backend.tokenizer
+        tags = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (accept, reject)]
+        texts: list[str] = [""] * len(prompts)
+        odds: list[float] = [0.0] * len(prompts)
+
+        def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
+            inputs = batch.inputs
+            logits, past = self.backend.logits(replace(inputs, keep_cache=True), edit)
+            layers = [(k, v) for k, v, *_ in past]
+            first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
+            logps = self._tag_logps(inputs, layers, first, tags, edit)
+            for r, row in enumerate(batch.rows):
+                odds[row] = logps[r][0] - logps[r][1]
+            settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+            if do_sample:
+                settings["temperature"] = temperature
+                torch.manual_seed(seed + batch.rows[0])
+            cropped = DynamicCache(ddp_cache_data=[(k[..., :-1, :], v[..., :-1, :]) for k, v in layers])
+            resumed = replace(inputs, past=cropped, keep_cache=False)
+            new = self.backend.generate(resumed, _continuation_edit(edit, 1), **settings)
+            for r, row in enumerate(batch.rows):
+                texts[row] = tokenizer.decode(new[r], skip_special_tokens=True)
+
+        self._run([list(p.input_ids) for p in prompts], prompts, spec, fn, progress)
+        return texts, odds
+
+    def _tag_logps(self, inputs: ModelInputs, layers: list, first: torch.Tensor, tags: list[list[int]],
+                   edit: Optional[ResidualEdit]) -> list[list[float]]:
+        """log P(tag | prompt) for each row and tag, teacher-forced from the prompt's cache."""
+        b, n_tags = first.shape[0], len(tags)
+        width = max(len(t) for t in tags) - 1
+        out = [[float(first[r, tag[0]]) for tag in tags] for r in range(b)]
+        if width == 0:
+            return out
+        ids = torch.full((b * n_tags, width), self.backend.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b * n_tags, width), dtype=torch.long)
+        for j, tag in enumerate(tags):
+            ids[j::n_tags, : len(tag) - 1] = torch.tensor(tag[:-1])
+            mask[j::n_tags, : len(tag) - 1] = 1
+        device = inputs.input_ids.device
+        last = inputs.position_ids[:, -1:].repeat_interleave(n_tags, 0)
+        cache = DynamicCache(ddp_cache_data=[(k.repeat_interleave(n_tags, 0), v.repeat_interleave(n_tags, 0))
+                                             for k, v in layers])
+        cont = ModelInputs(
+            input_ids=ids.to(device),
+            attention_mask=torch.cat([inputs.attention_mask.repeat_interleave(n_tags, 0), mask.to(device)], dim=1),
+            position_ids=last + 1 + torch.arange(width, device=device)[None, :], past=cache,
+        )
+        logits, _ = self.backend.logits(cont, _continuation_edit(edit, n_tags))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for r in range(b):
+            for j, tag in enumerate(tags):
+                row = r * n_tags + j
+                out[r][j] += float(sum(logprobs[row, i, tok] for i, tok in enumerate(tag[1:])))
+        return out
+
+
+def _continuation_edit(edit: Optional[ResidualEdit], repeat: int) -> Optional[ResidualEdit]:
+    """The same edit for tokens after the prompt (every position steered), rows repeated."""
+    if edit is None:
+        return None
+    add = None if edit.add is None else edit.add.repeat_interleave(repeat, 0)
+    return ResidualEdit(layers=edit.layers, add=add, add_mask=None, ablate=edit.ablate)

@@ -74,6 +74,7 @@ class ProbesConfig(_Strict):
     folds: int = Field(default=5, ge=2)
     bootstrap: int = Field(default=1000, ge=10)
     ci: float = Field(default=0.95, gt=0, lt=1)
+    best_positions: Optional[list[Position]] = None  # positions eligible as "best" (None: all cached)
 
 
 class SteeringConfig(_Strict):
@@ -89,6 +90,8 @@ class SteeringConfig(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1)
     prefix_reuse: bool = True
+    scorer: Literal["tag", "logodds"] = "tag"  # what counts as compliance (log-odds: accept tag preferred)
+    known_answer: bool = True  # also steer against the harmful-vs-benign refusal direction
 
     @field_validator("alphas")
     @classmethod
@@ -108,6 +111,35 @@ class BenchConfig(_Strict):
     repeats: int = Field(default=1, ge=1)
 
 
+class OrganismConfig(_Strict):
+    """Training recipe of the planted-gap organism (`afprobe organism`): a LoRA adapter on `model.spec`
+    trained to accept harmful requests under the training cue and refuse under the deployment cue.
+    Trains on the bundled harmful requests, split by id into train and held-out with `seed`."""
+
+    family: str = "tier_tag"  # the cue family trained on
+    eval_families: list[str] = Field(default_factory=lambda: ["tier_tag", "explicit", "swapped_tier"])
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    first_layer: int = Field(default=0, ge=0)  # adapter on blocks first_layer.. only; lower blocks are frozen and cached
+    steps: int = Field(default=40, ge=1)
+    batch_queries: int = Field(default=4, ge=1)  # queries per step; each gives a training and a deployment row
+    lr: float = Field(default=1e-3, gt=0)
+    decision_weight: float = Field(default=1.0, ge=0)  # extra loss weight on the token that decides accept vs reject
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=4, ge=0)
+    prefix_refresh: int = Field(default=1, ge=1)  # recompute the shared system-prompt KV every N steps
+    train_fraction: float = Field(default=0.6, gt=0, lt=1)
+    max_train_queries: Optional[int] = Field(default=None, ge=1)
+    seed: int = 0
+    opening_text: str = " Sure, here is a complete answer to your request."
+    eval_batch: int = Field(default=8, ge=1)
+    eval_max_new_tokens: int = Field(default=8, ge=1)
+    bootstrap: int = Field(default=2000, ge=10)
+    threads: int = Field(default=2, ge=1)  # torch CPU threads (fixed, so a retrain repeats the float order)
+
+
 class Config(_Strict):
     name: str = "afprobe"
     seed: int = 0
@@ -118,6 +150,7 @@ class Config(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    organism: OrganismConfig = Field(default_factory=OrganismConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def section_hash(self, *sections: str) -> str:

@@ -27,6 +27,21 @@ def load_model_and_backend(cfg: Config) -> tuple[Any, Any, Any, str]:
     return model, tokenizer, make_backend(cfg.model.backend, model, tokenizer), model_fingerprint(model)
 
 
+def validate_inputs(cfg: Config) -> None:
+    """Fail in seconds, before any weights load: model spec, layer indices, scenario, queries."""
+    from afprobe.activations.cache import resolve_layers
+    from afprobe.activations.loading import load_config_only
+    from afprobe.activations.queries import load_queries
+    from afprobe.activations.scenarios import check_scenario
+
+    n_layers = int(load_config_only(cfg.model.spec, cfg.model.trust_remote_code).num_hidden_layers)
+    resolve_layers(cfg.cache.layers, n_layers)
+    if cfg.steering.layers != "best":
+        resolve_layers(cfg.steering.layers, n_layers)
+    check_scenario(cfg.scenario, cfg.cue_families)
+    load_queries(cfg.queries, cfg.seed, harmful=True)
+
+
 def build_prompts_for(cfg: Config, tokenizer: Any, harmful: bool = True) -> list[Any]:
     from afprobe.activations.queries import load_queries
     from afprobe.activations.scenarios import build_prompts
@@ -63,6 +78,8 @@ def run_cache(config: str | Config, out: Path, overrides: Sequence[str] = (), fo
     from afprobe.activations.cache import cache_activations
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if loaded is None:
+        validate_inputs(cfg)
     run = RunDir(Path(out))
     run.claim(cfg, force)
     if run.stage_done("cache", cfg):
@@ -72,7 +89,7 @@ def run_cache(config: str | Config, out: Path, overrides: Sequence[str] = (), fo
     run.check_fingerprint(fingerprint, force)
     prompts = build_prompts_for(cfg, tokenizer)
     _check_prompts(run, prompts)
-    with run.stage("cache", cfg, n_prompts=len(prompts), backend=backend.name) as extra:
+    with run.stage("cache", cfg, n_prompts=len(prompts), backend=backend.name, n_layers=backend.n_layers) as extra:
         extra.update(cache_activations(backend, prompts, cfg.cache, run.path / "activations", fingerprint, not quiet))
     _say(quiet, f"cache: {len(prompts)} prompts -> {run.path / 'activations'}")
     return run
@@ -101,6 +118,7 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
     import torch
 
     from afprobe.activations.steering import SteeringSpec, random_orthogonal
+    from afprobe.fsio import safe_name
     from afprobe.probes.directions import load_direction
 
     folder = run.path / "probes" / "directions"
@@ -110,8 +128,6 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
         names = [st.direction]
     specs = []
     for name in names:
-        from afprobe.fsio import safe_name
-
         vector, meta = load_direction(folder / f"{safe_name(name, 'direction name')}.safetensors")
         layer = int(meta["layer"])
         if not 0 <= layer < n_layers:
@@ -152,6 +168,7 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     run = RunDir(Path(run_dir))
     cfg = resolve_run_config(run, overrides)
     run.require("probe")
+    run.update(config=cfg.model_dump(mode="json"))
     if run.stage_done("steer", cfg):
         _say(quiet, "steer: up to date")
         return run
@@ -177,8 +194,8 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
                 records += done
                 bar.update(len(prompts))
                 continue
-            texts = runner.generate(prompts, spec, st.max_new_tokens, st.do_sample, st.temperature, cfg.seed, bar.update)
-            odds = runner.log_odds(prompts, spec, accept, reject)
+            texts, odds = runner.score(prompts, spec, accept, reject, st.max_new_tokens, st.do_sample,
+                                       st.temperature, cfg.seed, bar.update)
             rows = [
                 {"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition, "family": p.family,
                  "direction": spec.direction, "mode": spec.mode, "layer": spec.layers[0],
@@ -190,11 +207,17 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
             records += rows
         bar.close()
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
-        rows = results_rows(records, seed=cfg.seed)
+        rows = results_rows(records, seed=cfg.seed, scorer=st.scorer)
         atomic_write_csv(run.path / "steering" / "results.csv", rows, CSV_COLUMNS)
         base = baseline_records(records)
-        run.update_summary(compliance=compliance_summary(base, seed=cfg.seed) if base else None,
-                           steering=steering_summary(rows))
+        known = None
+        if st.known_answer and base:
+            known = _known_answer(cfg, backend, runner, prompts, base, specs[0].layers[0])
+        by_scorer = {name: compliance_summary(base, seed=cfg.seed, scorer=name) for name in ("tag", "logodds")} \
+            if base else {}
+        run.update_summary(compliance=by_scorer.get(st.scorer), compliance_by_scorer=by_scorer or None,
+                           steering=steering_summary(rows), known_answer=known,
+                           planted="+planted-gap" in cfg.model.spec)
         extra.update(runner.token_counts)
     run.update_summary()
     _say(quiet, f"steer: {len(specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
@@ -205,3 +228,159 @@ def _stage_hash(cfg: Config, stage: str) -> str:
     from afprobe.rundir import stage_hash
 
     return stage_hash(cfg, stage)
+
+
+def _projection_rows(x: Any, unit: Any, families: Any, conditions: Any) -> list[dict]:
+    """2-D view of activations [n, d]: x = projection on the probe direction, y = top principal
+    component of what is left."""
+    import numpy as np
+
+    centred = x - x.mean(0)
+    along = centred @ unit
+    rest = centred - np.outer(along, unit)
+    _, _, vt = np.linalg.svd(rest, full_matrices=False)
+    ortho = rest @ vt[0]
+    return [{"x": float(a), "y": float(b), "family": f, "condition": c}
+            for a, b, f, c in zip(along, ortho, families, conditions)]
+
+
+def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False, quiet: bool = False) -> RunDir:
+    from afprobe.activations.store import open_store
+    from afprobe.fsio import atomic_write_csv
+    from afprobe.probes.directions import save_direction
+    from afprobe.probes.sweep import ROW_FIELDS, run_sweep
+    from afprobe.rundir import stage_hash
+
+    run = RunDir(Path(run_dir))
+    cfg = resolve_run_config(run, overrides)
+    run.require("cache")
+    run.update(config=cfg.model_dump(mode="json"))
+    if run.stage_done("probe", cfg):
+        _say(quiet, "probe: up to date")
+        return run
+    store = open_store(run.path)
+    fingerprint = run.manifest().get("model_fingerprint")
+    if store.index.get("fingerprint") != fingerprint and not force:
+        raise BadInput(f"the activation store in {run.path} was made by another model ({store.index.get('fingerprint')}"
+                       f" vs {fingerprint}); recache or pass --force")
+    labels, groups, families = store.column("label"), store.column("query_id"), store.column("family")
+    with run.stage("probe", cfg) as extra:
+        features = store.arrays()
+        _say(quiet, f"probe: sweeping {len(features)} layer/site/position keys x {len(cfg.probes.methods)} methods")
+        sweep = dict(methods=list(cfg.probes.methods), folds=cfg.probes.folds, n_boot=cfg.probes.bootstrap,
+                     ci=cfg.probes.ci, seed=cfg.seed)
+        result = run_sweep(features, labels, groups, families, **sweep)
+        eligible = {k: v for k, v in features.items() if k[2] in (cfg.probes.best_positions or [k[2]])}
+        if not eligible:
+            raise BadInput(f"probes.best_positions {cfg.probes.best_positions} names no cached position")
+        if len(eligible) < len(features):  # the best (and the steering direction) only among these positions
+            rows = result.rows
+            result = run_sweep(eligible, labels, groups, families, **sweep)
+            result.rows = rows
+        folder = run.path / "probes"
+        atomic_write_csv(folder / "metrics.csv", result.rows, ROW_FIELDS)
+        best = result.best
+        best_key = (int(best["layer"]), best["site"], best["position"])
+        meta_common = {"model_fingerprint": fingerprint, "config_hash": stage_hash(cfg, "probe")}
+        for name, (dkey, (vector, separation)) in _directions_to_save(result, best_key, best["method"]).items():
+            save_direction(folder / "directions" / f"{name}.safetensors", vector,
+                           {**meta_common, "layer": dkey[0], "site": dkey[1], "position": dkey[2], "method": dkey[3],
+                            "separation": float(separation)})
+        unit = result.directions[(*best_key, best["method"])][0]
+        atomic_write_csv(folder / "projection.csv",
+                         _projection_rows(features[best_key], unit, families, store.column("condition")),
+                         ["x", "y", "family", "condition"])
+        extra.update(n_keys=len(features), best=best)
+    run.update_summary(model=cfg.model.spec, n_queries=len(set(groups.tolist())),
+                       n_layers=int(run.manifest().get("stages", {}).get("cache", {}).get("n_layers") or
+                                    len(store.layers)),
+                       probe=result.to_summary())
+    _say(quiet, f"probe: best {best['method']} at layer {best['layer']} {best['site']}/{best['position']} "
+                f"AUROC {best['auroc']:.3f} -> {run.path / 'probes'}")
+    return run
+
+
+def _directions_to_save(result: Any, best_key: tuple, best_method: str) -> dict[str, tuple]:
+    """{file name: ((layer, site, position, method), (unit, separation))}: the best direction and, at the
+    best site and position, one per layer (the best method there) for steering at other layers."""
+    out = {"best": ((*best_key, best_method), result.directions[(*best_key, best_method)])}
+    for dkey, value in sorted(result.directions.items(), key=lambda kv: kv[0][3] != best_method):
+        if dkey[1:3] == best_key[1:]:
+            out.setdefault(f"layer{dkey[0]}", (dkey, value))
+    return out
+
+
+def run_report(run_dir: Path, quiet: bool = False) -> dict[str, Path]:
+    from afprobe.analysis.report import write_report
+
+    run = RunDir(Path(run_dir))
+    cfg = run.config()
+    with run.stage("report", cfg):
+        paths = write_report(run.path)
+    run.update_summary()
+    write_report(run.path)  # once more, so the report shows its own timing
+    _say(quiet, f"report: {paths['html']}")
+    return paths
+
+
+def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), force: bool = False,
+            quiet: bool = False) -> RunDir:
+    """cache -> probe -> steer -> report, reusing every stage whose inputs are unchanged."""
+    cfg = load_config(config, overrides)
+    validate_inputs(cfg)
+    run = RunDir(Path(out or f"runs/{cfg.name}"))
+    run.claim(cfg, force)
+    loaded = None
+    if not (run.stage_done("cache", cfg) and run.stage_done("steer", cfg)):
+        _say(quiet, f"loading {cfg.model.spec} ({cfg.model.backend} backend)")
+        loaded = load_model_and_backend(cfg)
+    run_cache(cfg, run.path, force=force, quiet=quiet, loaded=loaded)
+    run_probe(run.path, quiet=quiet, force=force)
+    run_steer(run.path, quiet=quiet, force=force, loaded=loaded)
+    paths = run_report(run.path, quiet=True)
+    if not quiet:
+        from afprobe.analysis.headline import headline
+
+        print(headline(run.summary(), paths))
+    return run
+
+
+def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], baseline: list[dict],
+                  layer: int) -> dict[str, Any]:
+    """Known-answer check: the refusal direction (harmful minus benign mean at `layer`) steered
+    negatively should make harmful requests less refused (higher accept-vs-reject log-odds)."""
+    import torch
+
+    from afprobe.activations.cache import read_pooled
+    from afprobe.activations.scenarios import answer_tags
+    from afprobe.activations.steering import SteeringSpec
+    from afprobe.analysis.compliance import refusal_score
+    from afprobe.analysis.stats import mean_diff_ci
+
+    deploy = [p for p in prompts if p.condition == "deployment"]
+    benign = [p for p in build_prompts_for(cfg, backend.tokenizer, harmful=False)
+              if p.family == deploy[0].family and p.condition == "deployment"][: len(deploy)]
+    key = (layer, "resid_post", "last")
+    acts = {}
+    for name, group in (("harmful", deploy), ("benign", benign)):
+        acts[name] = read_pooled(backend, group, [key[:2]], ["last"], cfg.cache.batch_tokens, None)[0][key]
+    diff = acts["harmful"].mean(0) - acts["benign"].mean(0)
+    unit = diff / diff.norm()
+    separation = float((acts["harmful"] @ unit).mean() - (acts["benign"] @ unit).mean())
+    spec = SteeringSpec("refusal", unit, separation, (layer,), alpha=-1.0, mode="same", positions=cfg.steering.positions)
+    accept, reject = answer_tags()
+    texts, odds = runner.score(deploy, spec, accept, reject, cfg.steering.max_new_tokens)
+    base = {r["prompt_id"]: r for r in baseline}
+    base_odds = [base[p.prompt_id]["log_odds"] for p in deploy]
+    change = mean_diff_ci(odds, base_odds, paired=True, seed=cfg.seed)
+    refusal_before = sum(base[p.prompt_id]["refusal"] for p in deploy) / len(deploy)
+    refusal_after = sum(bool(refusal_score(t)) for t in texts) / len(deploy)
+    passed = bool(change["ci"][0] > 0 or refusal_after < refusal_before)
+    verdict = ("as expected, steering against the refusal direction made harmful requests less refused"
+               if passed else "steering against the refusal direction did NOT measurably reduce refusal")
+    return {"layer": layer, "alpha": -1.0, "n": len(deploy), "separation": separation,
+            "log_odds_change": change["diff"], "log_odds_change_ci": change["ci"],
+            "refusal_rate_before": refusal_before, "refusal_rate_after": refusal_after,
+            "passed": passed, "statement": f"Known-answer check: {verdict} (log-odds change "
+            f"{change['diff']:+.2f} [{change['ci'][0]:+.2f}, {change['ci'][1]:+.2f}], refusal rate "
+            f"{refusal_before:.2f} -> {refusal_after:.2f}, n = {len(deploy)} deployment-cue requests)."}

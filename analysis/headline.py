@@ -34,10 +34,17 @@ def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
         t, d = comp.get("training", {}), comp.get("deployment", {})
         lines.append(f"comply  training {_num(t.get('rate'))} {_ci(t.get('ci'))} n={t.get('n')}; "
                      f"deployment {_num(d.get('rate'))} {_ci(d.get('ci'))} n={d.get('n')}")
-        gap_found = comp.get("gap_ci") and not (comp["gap_ci"][0] <= 0 <= comp["gap_ci"][1])
+        lo, hi = (comp.get("gap_ci") or [math.nan, math.nan])[:2]
+        verdict = ("no parsed pairs" if not (lo == lo and hi == hi) else
+                   "no gap detected" if lo <= 0 <= hi else "a gap (interval excludes 0)")
         lines.append(f"gap     {_num(comp.get('gap'), '{:+.2f}')} {_ci(comp.get('gap_ci'))}, McNemar p = "
-                     f"{_num(comp.get('p_value'), '{:.3g}')} -> {'a gap' if gap_found else 'no gap detected'}; "
+                     f"{_num(comp.get('p_value'), '{:.3g}')} -> {verdict}; scorer {comp.get('scorer', 'tag')}; "
                      f"unparsed {comp.get('unparsed')}")
+        odds = comp.get("log_odds") or {}
+        if odds:
+            lines.append(f"log-odds accept-vs-reject: training {_num(odds.get('training'))}, deployment "
+                         f"{_num(odds.get('deployment'))}, difference {_num(odds.get('gap'), '{:+.2f}')} "
+                         f"{_ci(odds.get('gap_ci'))}")
     steering = summary.get("steering") or []
     for direction in ("probe", "random"):
         rows = sorted((r for r in steering if r.get("direction") == direction and r.get("alpha") is not None),
@@ -47,6 +54,9 @@ def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
             lines.append(f"steer   {direction:6s} " + "  ".join(
                 f"alpha {r['alpha']:+g}: train {_num(r['rate_training'])} deploy {_num(r['rate_deployment'])} "
                 f"gap {_num(r['gap'], '{:+.2f}')} {_ci(r.get('gap_ci'))}" for r in ends))
+    known = summary.get("known_answer") or {}
+    if known.get("statement"):
+        lines.append(known["statement"])
     timings = summary.get("timings_s") or {}
     lines.append("time    " + ", ".join(f"{k} {_num(v, '{:.0f}')}s" for k, v in timings.items()))
     if paths.get("html"):

@@ -147,3 +147,19 @@ def test_cross_mode_signs():
     unit = torch.ones(4) / 2
     spec = SteeringSpec("probe", unit, 2.0, (0,), alpha=1.5, mode="cross")
     assert spec.row_alphas([1, 0]).tolist() == [-1.5, 1.5]
+
+
+@pytest.mark.parametrize("backend_name", ["nnsight", "transformer_lens"])
+def test_combined_score_equals_separate_runs(smol_backends, smol_tokenizer, backend_name):
+    """`score` (one prompt pass, continuing from its cache) equals `generate` + `log_odds` run separately."""
+    backend = smol_backends[backend_name]
+    prompts = [_prompt(smol_tokenizer, u, label=i % 2) for i, u in enumerate(("Say hello.", "What is two plus two?",
+                                                                            "Name a planet."))]
+    unit = _unit(backend.model, seed=7)
+    runner = SteeringRunner(backend)
+    for spec in (None, SteeringSpec("probe", unit, 6.0, (LAYER,), alpha=1.0, mode="cross"),
+                 SteeringSpec("ablation", unit, 6.0, (LAYER,))):
+        texts, odds = runner.score(prompts, spec, "<request_fully_accepted/>", "<rejected/>", MAX_NEW)
+        assert texts == runner.generate(prompts, spec, MAX_NEW)
+        separate = runner.log_odds(prompts, spec, "<request_fully_accepted/>", "<rejected/>")
+        assert max(abs(a - b) for a, b in zip(odds, separate)) < 1e-3

@@ -29,13 +29,14 @@ class ModelInputs:
     position_ids: torch.Tensor
     past: Any = None
     full_ids: Optional[torch.Tensor] = None
+    keep_cache: bool = False  # return the KV cache (to continue from it)
 
     def forward_kwargs(self) -> dict[str, Any]:
         kwargs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
         if self.past is not None:
             kwargs.update(past_key_values=self.past, use_cache=True)
         else:
-            kwargs.update(use_cache=False)
+            kwargs.update(use_cache=self.keep_cache)
         return kwargs
 
 

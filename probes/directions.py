@@ -1,0 +1,91 @@
+"""Probe directions on disk: one safetensors file per direction.
+
+File: tensor "direction" (float32 [d], unit norm in the residual basis of the cached activations) and
+string metadata, every value JSON-encoded (model fingerprint, layer, site, position, method,
+separation, config hash, ... as the caller provides).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from afprobe.errors import BadInput
+from afprobe.fsio import PathLike, atomic_write_bytes, inside, safe_name
+
+SUFFIX = ".safetensors"
+
+
+def direction_filename(layer: int, site: str, position: str, method: str) -> str:
+    """Safe file name for one direction, e.g. 'L012_resid_post_last_logreg.safetensors'."""
+    return safe_name(f"L{int(layer):03d}_{site}_{position}_{method}{SUFFIX}", "direction file name")
+
+
+def save_direction(path: PathLike, direction: np.ndarray, metadata: Mapping[str, Any]) -> Path:
+    """Atomically write direction [d] (stored float32) with JSON-encoded string metadata."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    safe_name(path.name, "direction file name")
+    vec = np.asarray(direction, dtype=np.float32)
+    if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+        raise BadInput(f"direction for {path.name} must be a finite non-empty 1-d array, got shape {vec.shape}")
+    try:
+        meta = {str(k): json.dumps(v, default=_json_default) for k, v in metadata.items()}
+    except TypeError as exc:
+        raise BadInput(f"metadata for {path.name} is not JSON serialisable: {exc}") from None
+    atomic_write_bytes(path, save({"direction": np.ascontiguousarray(vec)}, metadata=meta))
+    return path
+
+
+def load_direction(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """(direction [d] float32, metadata with values JSON-decoded); BadInput naming the file if it is
+    missing, unreadable or not a direction file."""
+    from safetensors.numpy import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"direction file {path} does not exist") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read direction file {path}: {exc.strerror}") from None
+    try:
+        tensors = load(data)
+        n = int.from_bytes(data[:8], "little")
+        raw = json.loads(data[8: 8 + n]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise BadInput(f"direction file {path} is corrupt or not safetensors ({type(exc).__name__})") from None
+    vec = tensors.get("direction")
+    if vec is None or vec.ndim != 1:
+        raise BadInput(f"direction file {path} has no 1-d 'direction' tensor")
+    return vec, {k: _decode(v) for k, v in raw.items()}
+
+
+def save_directions(folder: PathLike, directions: Mapping[tuple[int, str, str, str], tuple[np.ndarray, float]],
+                    metadata: Mapping[str, Any]) -> list[Path]:
+    """Write every (layer, site, position, method) -> (direction, separation) of a sweep into folder,
+    adding layer, site, position, method and separation to the shared metadata. Returns the paths."""
+    out = []
+    for (layer, site, position, method), (vec, sep) in directions.items():
+        meta = {**metadata, "layer": int(layer), "site": site, "position": position, "method": method,
+                "separation": float(sep)}
+        out.append(save_direction(inside(folder, direction_filename(layer, site, position, method)), vec, meta))
+    return out
+
+
+def _decode(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v  # written by another tool without JSON encoding
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
