@@ -208,6 +208,8 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         bar.close()
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
         rows = results_rows(records, seed=cfg.seed, scorer=st.scorer)
+        if "random" in st.controls:  # alpha 0 is the unsteered model along any direction
+            rows += [{**r, "direction": "random"} for r in rows if r["direction"] == "probe" and r["alpha"] == 0]
         atomic_write_csv(run.path / "steering" / "results.csv", rows, CSV_COLUMNS)
         base = baseline_records(records)
         known = None
