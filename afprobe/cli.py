@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dir")
     p = sub.add_parser("report", help="write report/report.html and report/report.md")
     p.add_argument("dir")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p = with_set(sub.add_parser("bench", help="performance ratios measured in one process"))
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--config", default=None, help="config to benchmark (default: configs/default.yaml settings)")
@@ -65,7 +66,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "steer":
         pipeline.run_steer(Path(args.dir), args.overrides, force=force, quiet=quiet)
     elif args.command == "report":
-        pipeline.run_report(Path(args.dir))
+        pipeline.run_report(Path(args.dir), quiet=quiet)
     elif args.command == "bench":
         from afprobe.bench import run_bench
 

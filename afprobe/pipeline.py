@@ -104,6 +104,18 @@ def resolve_run_config(run: RunDir, overrides: Sequence[str]) -> Config:
     return validate_config(data)
 
 
+def _open_stage(run_dir: Path, overrides: Sequence[str], stage: str, needs: str, quiet: bool) -> Optional[tuple[RunDir, Config]]:
+    """(run, config with overrides) for `stage`, or None when it is already up to date."""
+    run = RunDir(Path(run_dir))
+    cfg = resolve_run_config(run, overrides)
+    run.require(needs)
+    run.update(config=cfg.model_dump(mode="json"))
+    if run.stage_done(stage, cfg):
+        _say(quiet, f"{stage}: up to date")
+        return None
+    return run, cfg
+
+
 def _steer_prompts(cfg: Config, tokenizer: Any) -> list[Any]:
     """Prompts of the steering cue family (the first configured one), limited to steering.n_queries queries."""
     family = cfg.scenario.cue_families[0]
@@ -165,13 +177,10 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     )
     from afprobe.fsio import atomic_write_csv
 
-    run = RunDir(Path(run_dir))
-    cfg = resolve_run_config(run, overrides)
-    run.require("probe")
-    run.update(config=cfg.model_dump(mode="json"))
-    if run.stage_done("steer", cfg):
-        _say(quiet, "steer: up to date")
-        return run
+    opened = _open_stage(run_dir, overrides, "steer", "probe", quiet)
+    if opened is None:
+        return RunDir(Path(run_dir))
+    run, cfg = opened
     parts = run.path / "steering" / "parts"
     previous = run.manifest().get("stages", {}).get("steer", {})
     if previous.get("config_hash") not in (None, _stage_hash(cfg, "steer")) and parts.is_dir():
@@ -253,13 +262,10 @@ def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     from afprobe.probes.sweep import ROW_FIELDS, run_sweep
     from afprobe.rundir import stage_hash
 
-    run = RunDir(Path(run_dir))
-    cfg = resolve_run_config(run, overrides)
-    run.require("cache")
-    run.update(config=cfg.model_dump(mode="json"))
-    if run.stage_done("probe", cfg):
-        _say(quiet, "probe: up to date")
-        return run
+    opened = _open_stage(run_dir, overrides, "probe", "cache", quiet)
+    if opened is None:
+        return RunDir(Path(run_dir))
+    run, cfg = opened
     store = open_store(run.path)
     fingerprint = run.manifest().get("model_fingerprint")
     if store.index.get("fingerprint") != fingerprint and not force:
