@@ -1,9 +1,16 @@
 """Sweep probes over (layer, site, position) x method with grouped cross-validation and controls.
 
-All keys of equal width are stacked and fitted in chunks by the batched method cores, together with
-every outer fold and every label set (true labels and the shuffled-label control share one gather of
-the rows), so the cost is a handful of large batched linear-algebra calls instead of thousands of
-small fits.
+Pipeline per key and method: k folds over queries (all families of a query on one side); each fold's
+direction is fitted on the main families' training rows and scores every held-out row (minus the
+fold's midpoint threshold); pooled out-of-fold scores give AUROC (bootstrap CI over queries) and
+accuracy. The same pipeline runs with labels permuted across the main rows (shuffled control), a
+seeded random unit direction is scored the same way (random control), each family is also trained on
+alone and tested on every family (generalisation matrix), and the main-trained folds score the
+swapped-semantics family.
+
+Speed: keys of equal width are stacked and every key, outer fold and label set goes through one batched
+call of the method cores (true and shuffled labels share one gather of the rows and one Gram matrix);
+the cores block the work so each block stays in cache. Everything runs single-threaded.
 """
 from __future__ import annotations
 
@@ -126,8 +133,13 @@ def _fit(probe: Probe, X: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
     """X [K, n, d] -> unit directions [K, F, S, d], separations and thresholds [K, F, S]."""
     sl = slice(0, 1) if plan.shared else slice(None)  # rows shared by label sets: gather once
     Xg = X[:, plan.idx[:, sl]]  # [K, F, S', m, d]
-    w = plan.w[:, sl]
-    return finish(probe.core(Xg, plan.y, w, plan.inner[:, sl]), Xg, plan.y, w)
+    w, inner = plan.w[:, sl], plan.inner[:, sl]
+    if probe.small_batches:  # memory-bound cores run one (key, fold) at a time, in cache
+        W = torch.stack([torch.stack([probe.core(Xg[k, f], plan.y[f], w[f], inner[f])
+                                      for f in range(Xg.shape[1])]) for k in range(Xg.shape[0])])
+    else:
+        W = probe.core(Xg, plan.y, w, inner)
+    return finish(W, Xg, plan.y, w)
 
 
 def _chunk_size(n_keys: int, plan_shapes: list[tuple[int, ...]], d: int) -> int:
@@ -159,8 +171,9 @@ def run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.nd
                           refit=refit)
 
 
-def _run_sweep(features, labels, groups, families, *, methods, folds, n_boot, ci, seed, swapped_family,
-               inner_folds, cs, refit) -> SweepResult:
+def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray, families: np.ndarray,
+               *, methods: Sequence[str], folds: int, n_boot: int, ci: float, seed: int,
+               swapped_family: str | None, inner_folds: int, cs: Sequence[float], refit: str) -> SweepResult:
     labels, groups, families = (np.asarray(a) for a in (labels, groups, families))
     keys = _check_inputs(features, labels, groups, families, methods, refit)
     if not 0 < ci < 1 or n_boot < 0:
