@@ -7,11 +7,13 @@ explicit, so every real token keeps the position it has in the unpadded prompt.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from afprobe.activations.backends import ModelInputs
 
@@ -43,8 +45,48 @@ def budget_batches(lengths: Sequence[int], keys: Sequence[Any], budget: int, max
     return batches
 
 
+class SharedPrefixLayer(DynamicLayer):
+    """One layer's KV cache continuing a prefix shared by every row of the batch.
+
+    Holds the same keys/values as a `DynamicLayer` filled with [prefix | own tokens], but the prefix
+    stays a single view expanded over the batch (never copied per row) and only the tokens added
+    after it are stored: the full-length [prefix | own] tensors exist only while a layer attends.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    # `keys`/`values` read as [prefix | own]; assigning one (e.g. `crop`) makes it the new prefix.
+    def _joined(self, i: int) -> Optional[torch.Tensor]:
+        base, own = self._base[i], self._own[i]
+        if base is None or own is None or own.shape[-2] == 0:
+            return base
+        return torch.cat([base, own], dim=-2)
+
+    def _assign(self, i: int, value: Optional[torch.Tensor]) -> None:
+        base, own = list(getattr(self, "_base", (None, None))), list(getattr(self, "_own", (None, None)))
+        base[i], own[i] = value, (value[..., :0, :] if value is not None and value.dim() >= 2 else None)
+        self._base, self._own = tuple(base), tuple(own)
+
+    keys = property(lambda self: self._joined(0), lambda self, value: self._assign(0, value))
+    values = property(lambda self: self._joined(1), lambda self, value: self._assign(1, value))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._own = (torch.cat([self._own[0], key_states], dim=-2), torch.cat([self._own[1], value_states], dim=-2))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        if self._base[0] is None:
+            return 0
+        return self._base[0].shape[-2] + self._own[0].shape[-2]
+
+
 class PrefixCache:
-    """Computes a prefix's KV cache once and hands out batch-expanded copies of it."""
+    """Computes a prefix's KV cache once and hands out batch-expanded views of it (no per-row copies)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -57,13 +99,18 @@ class PrefixCache:
         if key != self._key:
             device = self.model.device
             ids = torch.tensor([key], device=device)
+            kwargs: dict[str, Any] = {}
+            if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+                kwargs["logits_to_keep"] = 1  # only the KV cache is wanted: skip the prefix's logits
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
             self._layers = [(k, v) for k, v, *_ in out.past_key_values]
             self._key = key
             self.computed_tokens += len(key)
-        expanded = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self._layers]
-        return DynamicCache(ddp_cache_data=expanded)
+        cache = DynamicCache()
+        cache.layers = [SharedPrefixLayer(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+                        for k, v in self._layers]
+        return cache
 
 
 @dataclass

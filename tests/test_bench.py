@@ -1,0 +1,45 @@
+"""`afprobe bench` end to end on a tiny configuration: every figure present and finite, paths equal.
+
+The model is the tiny random Llama (4 layers, d_model 64) saved as a local HF folder with the embedded
+tokenizer, so the ~1650-token prompts of the default scenario stay cheap; no assertions on speed.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from afprobe.bench import FIGURES, run_bench
+
+REQUIRED = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_speedup", "rss_growth_mb",
+            "computed_token_fraction")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_model, smol_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    overrides = [f"model.spec={tiny_folder}", "bench.n_prompts=4", "bench.n_generate=2", "bench.rss_n=2",
+                 "queries.limit=4", "cache.layers=[0,1]"]
+    returned = run_bench(None, overrides, str(out), quiet=True)
+    data = json.loads(out.read_text())
+    for key in REQUIRED + ("max_abs_diff",):
+        assert isinstance(data[key], float) and math.isfinite(data[key]), key
+        assert data[key] == returned[key]
+    assert data["max_abs_diff"] < 1e-3
+    assert 0 < data["computed_token_fraction"] < 1
+    assert set(FIGURES) <= set(data["details"]) | {"computed_token_fraction", "max_abs_diff"}
+    d = data["details"]
+    assert d["cache_vs_hf"]["n_prompts"] == 4 and d["steer_vs_generate"]["n_prompts"] == 2
+    assert d["rss_growth_mb"]["small"]["n_prompts"] == 2 and d["rss_growth_mb"]["large"]["n_prompts"] == 20
+    assert d["steer_prefix_speedup"]["reuse_computed_tokens"] < d["steer_prefix_speedup"]["reuse_total_tokens"]
+    assert data["machine"]["usable_cores"] >= 1 and data["backend"] == "nnsight"
+    assert data["prompts"]["n_cache"] == 4 and data["notes"]
+    assert "cache_vs_hf" in capsys.readouterr().out  # the table
