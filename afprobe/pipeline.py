@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 from afprobe.config import Config, apply_override, load_config, parse_override, validate_config
 from afprobe.errors import BadInput
-from afprobe.fsio import atomic_write_jsonl
+from afprobe.fsio import atomic_write_jsonl, safe_name
 from afprobe.rundir import RunDir
 
 
@@ -336,7 +336,7 @@ def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), forc
     """cache -> probe -> steer -> report, reusing every stage whose inputs are unchanged."""
     cfg = load_config(config, overrides)
     validate_inputs(cfg)
-    run = RunDir(Path(out or f"runs/{cfg.name}"))
+    run = RunDir(Path(out or f"runs/{safe_name(cfg.name, 'run name')}"))
     run.claim(cfg, force)
     loaded = None
     if not (run.stage_done("cache", cfg) and run.stage_done("steer", cfg)):

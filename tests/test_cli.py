@@ -90,3 +90,7 @@ def test_unknown_command(capsys):
 
 def test_probe_before_cache(capsys, tmp_path):
     _fails(capsys, ["probe", str(tmp_path)], "manifest")
+
+
+def test_run_name_cannot_escape(capsys, tmp_path):
+    _fails(capsys, ["run", DEFAULT, "--set", "name=../../etc"], "run name")
