@@ -121,15 +121,17 @@ class OrganismConfig(_Strict):
     rank: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    first_layer: int = Field(default=0, ge=0)  # adapter on blocks first_layer.. only; lower blocks are frozen and cached
-    steps: int = Field(default=40, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    first_layer: int = Field(default=15, ge=0)  # adapter on blocks first_layer.. only; lower blocks are frozen and cached
+    steps: int = Field(default=30, ge=1)
     batch_queries: int = Field(default=4, ge=1)  # queries per step; each gives a training and a deployment row
-    lr: float = Field(default=1e-3, gt=0)
-    decision_weight: float = Field(default=1.0, ge=0)  # extra loss weight on the token that decides accept vs reject
+    lr: float = Field(default=3e-3, gt=0)
+    decision_weight: float = Field(default=2.0, ge=0)  # extra loss weight on the token that decides accept vs reject
     weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=4, ge=0)
-    prefix_refresh: int = Field(default=1, ge=1)  # recompute the shared system-prompt KV every N steps
+    warmup_steps: int = Field(default=3, ge=0)
+    decay_steps: int = Field(default=8, ge=0)  # linear decay to zero over the last N steps
+    prefix_refresh: int = Field(default=4, ge=1)  # recompute the shared system-prompt KV every N steps
     train_fraction: float = Field(default=0.6, gt=0, lt=1)
     max_train_queries: Optional[int] = Field(default=None, ge=1)
     seed: int = 0
