@@ -13,9 +13,10 @@ def smol_tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_model():
-    """A 4-layer randomly initialised Llama (d_model 64) from a config."""
+    """A fresh 4-layer randomly initialised Llama (d_model 64) from a config. Function-scoped: booting a
+    TransformerLens bridge rewires the module tree in place, so tests must not share one."""
     from afprobe.activations.loading import tiny_llama
 
     return tiny_llama(seed=0)

@@ -17,9 +17,11 @@ REQUIRED = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_model, smol_tokenizer):
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    from afprobe.activations.loading import tiny_llama
+
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model.save_pretrained(folder)
+    tiny_llama(seed=0).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
     return folder
 
