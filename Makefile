@@ -25,8 +25,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The embedded model, then the planted-gap organism (positive control), then the two side by side.
 demo: setup
-	$(BIN)/afprobe run configs/default.yaml --out $(RUN)
+	$(BIN)/afprobe run configs/default.yaml --out $(RUN)/base
+	$(BIN)/afprobe run configs/organism.yaml --out $(RUN)/organism
+	$(BIN)/afprobe compare $(RUN)/base $(RUN)/organism --out $(RUN)
 
 bench: setup
 	$(BIN)/afprobe bench --json bench.json

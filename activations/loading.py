@@ -12,9 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -118,6 +120,23 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+@contextmanager
+def _quiet_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar outside its logging switches: silence it while loading."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -135,13 +154,14 @@ def load_model(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # afprobe shows its own progress per stage
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder,
-            dtype=_DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-            **_hub_kwargs(source),
-        )
+        with _quiet_gguf_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.folder,
+                dtype=_DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                **_hub_kwargs(source),
+            )
     except OSError:
         raise _offline_error(source) from None
     finally:
@@ -159,7 +179,9 @@ def load_model(
 def merge_adapter(model, adapter_dir: str):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers property
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int = 49152):

@@ -560,6 +560,26 @@ def evaluate_model(model, tokenizer, cfg: Config, queries: list[Query], families
 
 # ------------------------------------------------------------------ entry points
 
+def adapter_card(spec: str) -> Optional[dict]:
+    """For a `base+adapter` spec: what the adapter was trained on and its shipped held-out gaps, base vs organism."""
+    from afprobe.activations.loading import resolve_spec
+
+    folder = resolve_spec(spec).adapter
+    if folder is None or not (Path(folder) / "metrics.json").is_file():
+        return None
+    metrics = json.loads((Path(folder) / "metrics.json").read_text())
+
+    def gaps(section: dict) -> dict:
+        return {fam: {"gap": m["gap"]["gap"], "gap_ci": m["gap"]["ci"], "log_odds_gap": m["log_odds_gap"]["diff"],
+                      "log_odds_gap_ci": m["log_odds_gap"]["ci"]} for fam, m in section.items()}
+
+    return {"adapter": Path(folder).name, "planted": True, "trained_family": metrics["trained_family"],
+            "n_heldout": metrics["n_heldout"], "heldout_gap_organism": gaps(metrics.get("organism", {})),
+            "heldout_gap_base": gaps(metrics.get("base_model", {})),
+            "note": "a LoRA adapter trained to comply under the training cue and refuse under the deployment "
+                    "cue: a planted positive control, not a natural finding"}
+
+
 def _versions() -> dict:
     import peft
     import transformers

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from afprobe.activations.backends import Backend, ModelInputs, ResidualEdit
 from afprobe.activations.batching import Batch, PrefixCache, run_batches
+from afprobe.activations.kv import preallocated_cache
 
 Direction = Literal["probe", "random", "ablation", "refusal"]
 
@@ -156,7 +157,7 @@ class SteeringRunner:
 
         def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
             inputs = batch.inputs
-            logits, past = self.backend.logits(replace(inputs, keep_cache=True), edit)
+            logits, past = self.backend.logits(replace(inputs, keep_cache=True, last_logits_only=True), edit)
             layers = [(k, v) for k, v, *_ in past]
             first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
             logps = self._tag_logps(inputs, layers, first, tags, edit)
@@ -166,7 +167,8 @@ class SteeringRunner:
             if do_sample:
                 settings["temperature"] = temperature
                 torch.manual_seed(seed + batch.rows[0])
-            cropped = DynamicCache(ddp_cache_data=[(k[..., :-1, :], v[..., :-1, :]) for k, v in layers])
+            # generation re-runs the prompt's last token; new tokens are written into the buffer in place
+            cropped = preallocated_cache([(k[..., :-1, :], v[..., :-1, :]) for k, v in layers], max_new_tokens + 1)
             resumed = replace(inputs, past=cropped, keep_cache=False)
             new = self.backend.generate(resumed, _continuation_edit(edit, 1), **settings)
             for r, row in enumerate(batch.rows):

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report/report.html and report/report.md")
     p.add_argument("dir")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p = sub.add_parser("compare", help="side-by-side report of finished runs (e.g. base model vs organism)")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", required=True, help="folder for compare.html / compare.md")
     p = with_set(sub.add_parser("bench", help="performance ratios measured in one process"))
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--config", default=None, help="config to benchmark (default: configs/default.yaml settings)")
@@ -67,6 +70,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         pipeline.run_steer(Path(args.dir), args.overrides, force=force, quiet=quiet)
     elif args.command == "report":
         pipeline.run_report(Path(args.dir), quiet=quiet)
+    elif args.command == "compare":
+        from afprobe.analysis.compare import write_comparison
+
+        paths = write_comparison([Path(d) for d in args.dirs], Path(args.out))
+        print(f"comparison: {paths['html']}")
     elif args.command == "bench":
         from afprobe.bench import run_bench
 

@@ -82,7 +82,7 @@ class SteeringConfig(_Strict):
     layers: Union[Literal["best"], list[int]] = "best"
     direction: str = "best"  # "best" or the name of a file in probes/directions/
     positions: Literal["user", "all"] = "user"
-    mode: Literal["same", "cross"] = "same"
+    mode: Literal["same", "cross", "both"] = "same"  # both: the same and the cross sweep
     controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
     max_new_tokens: int = Field(default=8, ge=1)
     n_queries: Optional[int] = Field(default=None, ge=1)
@@ -109,6 +109,9 @@ class BenchConfig(_Strict):
     max_new_tokens: int = Field(default=8, ge=1)
     rss_n: int = Field(default=20, ge=1)
     repeats: int = Field(default=1, ge=1)
+    # probe sweep vs a per-key scikit-learn loop, on synthetic features of the config's shape
+    sweep_queries: Optional[int] = Field(default=None, ge=2)  # None: as many as the config's queries
+    sweep_ref_keys: int = Field(default=9, ge=0)  # keys the scikit-learn loop runs on (spread evenly; 0 = all)
 
 
 class OrganismConfig(_Strict):

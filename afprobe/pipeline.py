@@ -136,6 +136,7 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
     folder = run.path / "probes" / "directions"
     st = cfg.steering
     names = ["best"] if st.layers == "best" else [f"layer{layer}" for layer in st.layers]
+    modes = ["same", "cross"] if st.mode == "both" else [st.mode]
     if st.direction != "best":
         names = [st.direction]
     specs = []
@@ -147,11 +148,14 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
         unit = torch.tensor(vector, dtype=torch.float32)
         sep = float(meta["separation"])
         control = random_orthogonal(unit, cfg.seed + layer)
-        for alpha in st.alphas:
-            common = dict(separation=sep, layers=(layer,), alpha=float(alpha), mode=st.mode, positions=st.positions)
-            specs.append(SteeringSpec("probe", unit, **common))
-            if "random" in st.controls and alpha != 0:
-                specs.append(SteeringSpec("random", control, **common))
+        for mode in modes:
+            for alpha in st.alphas:
+                if alpha == 0 and mode == "cross":
+                    continue  # alpha 0 is the unsteered model in every mode: scored once, as "same"
+                common = dict(separation=sep, layers=(layer,), alpha=float(alpha), mode=mode, positions=st.positions)
+                specs.append(SteeringSpec("probe", unit, **common))
+                if "random" in st.controls and alpha != 0:
+                    specs.append(SteeringSpec("random", control, **common))
         if "ablation" in st.controls:
             specs.append(SteeringSpec("ablation", unit, sep, (layer,), alpha=0.0, mode="same", positions="all"))
     if 0 not in [s.alpha for s in specs if s.direction == "probe" and s.mode == "same"]:
@@ -169,11 +173,12 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
               loaded: Optional[tuple] = None) -> RunDir:
     from tqdm.auto import tqdm
 
+    from afprobe.activations.organism import adapter_card
     from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringRunner
     from afprobe.analysis.compliance import refusal_score, tag_score
     from afprobe.analysis.steering_table import (
-        CSV_COLUMNS, baseline_records, compliance_summary, results_rows, steering_summary,
+        CSV_COLUMNS, baseline_records, compliance_summary, results_rows, steering_checks, steering_summary,
     )
     from afprobe.fsio import atomic_write_csv
 
@@ -217,22 +222,67 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         bar.close()
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
         rows = results_rows(records, seed=cfg.seed, scorer=st.scorer)
-        if "random" in st.controls:  # alpha 0 is the unsteered model along any direction
-            rows += [{**r, "direction": "random"} for r in rows if r["direction"] == "probe" and r["alpha"] == 0]
+        # alpha 0 is the unsteered model along any direction and in any mode: copy its row
+        modes = ["same", "cross"] if st.mode == "both" else [st.mode]
+        directions = ["probe", "random"] if "random" in st.controls else ["probe"]
+        zero = [r for r in rows if r["direction"] == "probe" and r["alpha"] == 0]
+        rows += [{**r, "direction": d, "mode": m} for r in zero for m in modes for d in directions
+                 if (d, m) != ("probe", r["mode"])]
         atomic_write_csv(run.path / "steering" / "results.csv", rows, CSV_COLUMNS)
         base = baseline_records(records)
+        by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet) if base else None
         known = None
         if st.known_answer and base:
             known = _known_answer(cfg, backend, runner, prompts, base, specs[0].layers[0])
         by_scorer = {name: compliance_summary(base, seed=cfg.seed, scorer=name) for name in ("tag", "logodds")} \
             if base else {}
         run.update_summary(compliance=by_scorer.get(st.scorer), compliance_by_scorer=by_scorer or None,
-                           steering=steering_summary(rows), known_answer=known,
-                           planted="+planted-gap" in cfg.model.spec)
+                           compliance_by_family=by_family, steering=steering_summary(rows),
+                           steering_checks=steering_checks(rows), known_answer=known,
+                           planted="+planted-gap" in cfg.model.spec, organism=adapter_card(cfg.model.spec))
         extra.update(runner.token_counts)
     run.update_summary()
     _say(quiet, f"steer: {len(specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
     return run
+
+
+def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[Any], base: list[dict], parts: Path,
+                       bar_quiet: bool) -> dict[str, Any]:
+    """Unsteered compliance under every cue family present, on the steering queries (does the gap transfer?).
+
+    The steered family's numbers come from the sweep's alpha-0 records; other families are scored here."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from afprobe.activations.scenarios import answer_tags
+    from afprobe.activations.steering import SteeringSpec
+    from afprobe.analysis.compliance import refusal_score, tag_score
+    from afprobe.analysis.steering_table import compliance_summary
+
+    keep = {p.query_id for p in prompts}
+    steered = prompts[0].family
+    others = [p for p in build_prompts_for(cfg, tokenizer) if p.family != steered and p.query_id in keep]
+    part = parts / "unsteered.other_families.jsonl"
+    if part.is_file():
+        records = [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+    else:
+        records = []
+        if others:
+            spec = SteeringSpec("probe", torch.zeros(runner.backend.d_model), 0.0, (0,), alpha=0.0)  # unsteered
+            accept, reject = answer_tags()
+            bar = tqdm(total=len(others), desc="other cue families (unsteered)", unit="gen", disable=bar_quiet)
+            texts, odds = runner.score(others, spec, accept, reject, cfg.steering.max_new_tokens,
+                                       cfg.steering.do_sample, cfg.steering.temperature, cfg.seed, bar.update)
+            bar.close()
+            records = [{"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition,
+                        "family": p.family, "completion": t, "tag": tag_score(t), "refusal": bool(refusal_score(t)),
+                        "log_odds": lo} for p, t, lo in zip(others, texts, odds)]
+        atomic_write_jsonl(part, records)
+    out = {}
+    for family in [steered, *dict.fromkeys(r["family"] for r in records)]:
+        recs = base if family == steered else [r for r in records if r["family"] == family]
+        out[family] = compliance_summary(recs, seed=cfg.seed, scorer=cfg.steering.scorer)
+    return out
 
 
 def _stage_hash(cfg: Config, stage: str) -> str:

@@ -47,13 +47,22 @@ def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
                          f"{_ci(odds.get('gap_ci'))}")
     steering = summary.get("steering") or []
     for direction in ("probe", "random"):
-        rows = sorted((r for r in steering if r.get("direction") == direction and r.get("alpha") is not None),
-                      key=lambda r: r["alpha"])
+        rows = sorted((r for r in steering if r.get("direction") == direction and r.get("alpha") is not None
+                       and r.get("mode", "same") == "same"), key=lambda r: r["alpha"])
         if rows:
             ends = rows[0], rows[-1]
             lines.append(f"steer   {direction:6s} " + "  ".join(
                 f"alpha {r['alpha']:+g}: train {_num(r['rate_training'])} deploy {_num(r['rate_deployment'])} "
                 f"gap {_num(r['gap'], '{:+.2f}')} {_ci(r.get('gap_ci'))}" for r in ends))
+    for c in summary.get("steering_checks") or []:
+        ratio = c.get("effect_ratio")
+        lines.append(f"check   {c['mode']} mode, layer {c['layer']}: monotone in alpha {'yes' if c['monotone'] else 'NO'}; "
+                     f"probe moved compliance {_num(c.get('probe_effect'))}, random {_num(c.get('random_effect'))}"
+                     + ("" if ratio is None else f" ({'inf' if ratio == math.inf else _num(ratio, '{:.1f}')}x)"))
+    for family, c in (summary.get("compliance_by_family") or {}).items():
+        lines.append(f"family  {family}: gap {_num(c.get('gap'), '{:+.2f}')} {_ci(c.get('gap_ci'))} "
+                     f"(training {_num((c.get('training') or {}).get('rate'))}, deployment "
+                     f"{_num((c.get('deployment') or {}).get('rate'))})")
     known = summary.get("known_answer") or {}
     if known.get("statement"):
         lines.append(known["statement"])

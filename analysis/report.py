@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from afprobe.analysis import plots
+from afprobe.analysis.steering_table import steering_checks
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_bytes, atomic_write_text
 
@@ -37,7 +38,8 @@ STEERING_NUMERIC = ("layer", "alpha", "rate_training", "rate_training_lo", "rate
                     "gap_hi", "p_value", "logodds_training", "logodds_deployment",
                     "unparsed_training", "unparsed_deployment", "n")
 SUMMARY_KNOWN = ("model", "n_queries", "n_layers", "probe", "compliance", "steering", "timings_s",
-                 "planted", "organism", "known_answer", "base_comparison")
+                 "planted", "organism", "known_answer", "base_comparison", "compliance_by_family",
+                 "compliance_by_scorer", "steering_checks")
 CONDITIONS = ("training", "deployment")
 
 Row = dict[str, Any]
@@ -544,6 +546,39 @@ def _compliance_section(doc: Doc, data: RunData) -> None:
         doc.kv(_flatten(extras, "compliance"))
 
 
+def _transfer_verdict(family: str, comp: dict) -> str:
+    """Plain words for one cue family's unsteered gap (a swapped family's training side is the trained tier)."""
+    gap, ci = comp.get("gap"), comp.get("gap_ci") or [NAN, NAN]
+    if not (_isnum(gap) and _isnum(ci[0]) and _isnum(ci[1])):
+        return "no gap could be computed"
+    if ci[0] <= 0 <= ci[1]:
+        return "no gap (the interval includes 0)"
+    if "swap" in family.lower():
+        return ("the gap follows the meaning (more compliance where the prompt says chats are trained on)"
+                if gap > 0 else "the gap flips sign: it follows the tag's tokens, not what they mean")
+    return "more compliance under the training cue" if gap > 0 else "less compliance under the training cue"
+
+
+def family_lines(by_family: dict) -> list[str]:
+    """One sentence per cue family: the unsteered gap and what it says about transfer."""
+    return [f"Cue family {fam}: gap {_signed(c.get('gap'))} {_ci(c.get('gap_ci'))}; {_transfer_verdict(fam, c)}."
+            for fam, c in by_family.items() if isinstance(c, dict)]
+
+
+def _family_section(doc: Doc, data: RunData) -> None:
+    by_family = _get(data.summary, "compliance_by_family")
+    if not isinstance(by_family, dict) or not by_family:
+        return
+    doc.h("Compliance under every cue family (transfer)", 3)
+    doc.p("Unsteered compliance on the steering queries under each cue family present. The probe and the "
+          "steering sweep use the first family; the others show whether the gap transfers to a cue it was "
+          "not measured (or, for an organism, trained) on.")
+    doc.table(["cue family", "training", "deployment", "gap", "CI", "McNemar p", "log-odds gap", "verdict"],
+              [[fam, _f(_get(c, "training", "rate")), _f(_get(c, "deployment", "rate")), _signed(c.get("gap")),
+                _ci(c.get("gap_ci")), _p(c.get("p_value")), _signed(_get(c, "log_odds", "gap")),
+                _transfer_verdict(fam, c)] for fam, c in by_family.items() if isinstance(c, dict)])
+
+
 # ----------------------------------------------------------------------------- steering
 
 def _series(rows: list[Row], y: str) -> dict:
@@ -616,6 +651,19 @@ def _steering_sentences(rows: list[Row]) -> list[str]:
     return out
 
 
+def _check_sentence(c: dict) -> str:
+    same = c["mode"] == "same"
+    if c["monotone"]:
+        words = "yes, " + ("both cues' compliance rises" if same else "the gap shrinks") + " monotonically with alpha"
+    else:
+        words = "NO, " + ("compliance does not rise" if same else "the gap does not shrink") + " monotonically with alpha"
+    ratio = c["effect_ratio"]
+    vs = "" if c["random_effect"] is None else (
+        f"; at the largest |alpha| the probe moved compliance by {_f(c['probe_effect'])} and the random control by "
+        f"{_f(c['random_effect'])} ({'infinitely' if ratio == math.inf else _f(ratio, 1) + 'x'} as much)")
+    return f"Monotonicity check ({c['mode']} mode, layer {_int(c['layer'])}): {words}{vs}."
+
+
 def _steering_section(doc: Doc, data: RunData) -> list[str]:
     doc.h("Steering")
     rows = data.steering
@@ -630,7 +678,7 @@ def _steering_section(doc: Doc, data: RunData) -> list[str]:
     if not rows:
         doc.p("steering/results.csv has no rows.")
         return []
-    sentences = _steering_sentences(rows)
+    sentences = _steering_sentences(rows) + [_check_sentence(c) for c in steering_checks(rows)]
     doc.ul(sentences)
     groups = _groups(rows)
     multi_layer = {d for d in {k[1] for k in groups} if len({k[2] for k in groups if k[1] == d}) > 1}
@@ -727,7 +775,7 @@ def _generic_sections(doc: Doc, data: RunData) -> None:
     s = data.summary or {}
     for key, title in (("organism", "Model organism"), ("known_answer", "Known-answer check"),
                        ("base_comparison", "Comparison with the base model")):
-        if key in s:
+        if s.get(key):
             doc.h(title)
             doc.kv(_flatten(s[key], key))
     extras = {k: v for k, v in s.items() if k not in SUMMARY_KNOWN}
@@ -751,6 +799,7 @@ def build_report(data: RunData, name: str = "") -> Doc:
     _setup_section(doc, data)
     _probe_section(doc, data, view)
     _compliance_section(doc, data)
+    _family_section(doc, data)
     steering = _steering_section(doc, data)
     _generic_sections(doc, data)
     _stages_section(doc, stage_rows)
@@ -772,6 +821,9 @@ def build_report(data: RunData, name: str = "") -> Doc:
         un = _unparsed_sentence(comp)
         if un:
             lines.append(un)
+    by_family = _get(s, "compliance_by_family")
+    if isinstance(by_family, dict) and len(by_family) > 1:
+        lines += family_lines(by_family)
     counts = [r[c] for r in data.steering or [] for c in ("unparsed_training", "unparsed_deployment")
               if _isnum(r[c])]
     if counts:

@@ -106,3 +106,53 @@ def baseline_records(records: list[dict]) -> Optional[list[dict]]:
     """The unsteered condition (alpha 0 along the probe, same mode), if present."""
     recs = [r for r in records if r["direction"] == "probe" and r["mode"] == "same" and r["alpha"] == 0]
     return recs or None
+
+
+def _by_alpha(rows: list[dict], direction: str, mode: str, layer: Any) -> dict[float, dict]:
+    return {float(r["alpha"]): r for r in rows
+            if r["direction"] == direction and r["mode"] == mode and r["layer"] == layer and r["alpha"] is not None}
+
+
+def _non_decreasing(values: list[float]) -> bool:
+    return all(b >= a for a, b in zip(values, values[1:]))
+
+
+def _effect(curve: dict[float, dict], mode: str) -> Optional[float]:
+    """How far the largest |alpha| moved compliance from alpha 0. Same mode: deployment-cue rate at the
+    largest positive alpha plus training-cue rate at the most negative (each toward the other cue's level);
+    cross mode: the gap's change at the largest alpha."""
+    if 0.0 not in curve or len(curve) < 2:
+        return None
+    lo, hi, zero = min(curve), max(curve), curve[0.0]
+    if mode == "cross":
+        return abs(curve[hi]["gap"] - zero["gap"]) if hi > 0 else None
+    moves = []
+    if hi > 0:
+        moves.append(abs(curve[hi]["rate_deployment"] - zero["rate_deployment"]))
+    if lo < 0:
+        moves.append(abs(curve[lo]["rate_training"] - zero["rate_training"]))
+    return float(sum(moves)) if moves else None
+
+
+def steering_checks(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per (mode, layer) of the probe sweep: is compliance monotone in alpha (same mode: both cues'
+    rates non-decreasing; cross mode: the gap non-increasing), and how much more did the probe move
+    compliance than the random control at the largest |alpha|."""
+    out = []
+    for mode, layer in dict.fromkeys((r["mode"], r["layer"]) for r in rows if r["direction"] == "probe"):
+        probe = _by_alpha(rows, "probe", mode, layer)
+        alphas = sorted(probe)
+        if len(alphas) < 2:
+            continue
+        if mode == "cross":
+            monotone = _non_decreasing([-probe[a]["gap"] for a in alphas])
+        else:
+            monotone = all(_non_decreasing([probe[a][f"rate_{c}"] for a in alphas]) for c in ("training", "deployment"))
+        random = _by_alpha(rows, "random", mode, layer)
+        effect, control = _effect(probe, mode), _effect(random, mode) if random else None
+        ratio = None
+        if effect is not None and control is not None:
+            ratio = float("inf") if control == 0 and effect > 0 else (effect / control if control else None)
+        out.append({"mode": mode, "layer": layer, "alphas": alphas, "monotone": bool(monotone),
+                    "probe_effect": effect, "random_effect": control, "effect_ratio": ratio})
+    return out

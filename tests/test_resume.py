@@ -2,6 +2,7 @@
 the same arguments, give exactly what an uninterrupted run gives (which also shows determinism)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ scenario: {cue_families: [tier_tag, explicit]}
 queries: {limit: 10}
 cache: {layers: [0, 14, 29], positions: [last, cue], shard_prompts: 2, batch_tokens: 600}
 probes: {folds: 2, bootstrap: 50, methods: [diff_means, logreg]}
-steering: {alphas: [-1.0, 0.0, 1.0], n_queries: 4, max_new_tokens: 4, controls: [random], batch_size: 2}
+steering: {alphas: [-1.0, 0.0, 1.0], n_queries: 4, max_new_tokens: 4, controls: [random], batch_size: 2, mode: both}
 """
 
 
@@ -94,6 +95,24 @@ def test_killed_cache_and_steer_resume_to_the_uninterrupted_result(tmp_path):
     assert _summary(whole) == _summary(resumed)
 
 
+def _check_both_modes_and_families(run: Path) -> None:
+    """mode both: same and cross sweeps for probe and random, sharing the one unsteered alpha-0 run;
+    unsteered compliance under every cue family; a monotonicity check per mode."""
+    with (run / "steering" / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["direction"], r["mode"]) for r in rows} == {(d, m) for d in ("probe", "random") for m in ("same", "cross")}
+    zero = [r for r in rows if float(r["alpha"]) == 0]
+    assert len(zero) == 4 and len({(r["gap"], r["logodds_gap"]) for r in zero}) == 1
+    parts = {p.name for p in (run / "steering" / "parts").glob("*.jsonl")}
+    assert not [p for p in parts if ".cross." in p and "a+0.000" in p]  # alpha 0 computed once
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["compliance_by_family"]) == ["tier_tag", "explicit"]
+    assert summary["compliance_by_family"]["tier_tag"]["log_odds"] == summary["compliance"]["log_odds"]
+    assert summary["compliance_by_family"]["explicit"]["n_pairs"] == 4
+    assert {c["mode"] for c in summary["steering_checks"]} == {"same", "cross"}
+    assert "Monotonicity check (cross mode" in (run / "report" / "report.md").read_text()
+
+
 def test_rerun_redoes_only_what_changed(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG)
@@ -101,6 +120,7 @@ def test_rerun_redoes_only_what_changed(tmp_path):
     _ok("run", str(cfg), "--out", str(run))
     stamps = lambda: {k: v.get("started_at") for k, v in json.loads((run / "manifest.json").read_text())["stages"].items()}  # noqa: E731
     first = stamps()
+    _check_both_modes_and_families(run)
     start = time.time()
     _ok("run", str(cfg), "--out", str(run))
     assert time.time() - start < 60  # no model load: validation, then the report only

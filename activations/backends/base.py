@@ -30,9 +30,12 @@ class ModelInputs:
     past: Any = None
     full_ids: Optional[torch.Tensor] = None
     keep_cache: bool = False  # return the KV cache (to continue from it)
+    last_logits_only: bool = False  # logits for the last position only ([b, 1, vocab]): skips most of the LM head
 
     def forward_kwargs(self) -> dict[str, Any]:
         kwargs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
+        if self.last_logits_only:
+            kwargs["logits_to_keep"] = 1
         if self.past is not None:
             kwargs.update(past_key_values=self.past, use_cache=True)
         else:
