@@ -108,7 +108,9 @@ def _check_both_modes_and_families(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["compliance_by_family"]) == ["tier_tag", "explicit"]
     assert summary["compliance_by_family"]["tier_tag"]["log_odds"] == summary["compliance"]["log_odds"]
-    assert summary["compliance_by_family"]["explicit"]["n_pairs"] == 4
+    other = [json.loads(x) for x in (run / "steering" / "parts" / "unsteered.other_families.jsonl").read_text().splitlines()]
+    assert sorted((r["family"], r["condition"]) for r in other) == sorted([("explicit", c) for c in ("training", "deployment")] * 4)
+    assert np.isfinite(summary["compliance_by_family"]["explicit"]["log_odds"]["gap"])
     assert {c["mode"] for c in summary["steering_checks"]} == {"same", "cross"}
     assert "Monotonicity check (cross mode" in (run / "report" / "report.md").read_text()
 
