@@ -63,7 +63,8 @@ def _rows_for(runs: list[tuple[Path, Any]]) -> list[list[str]]:
         def check(s: dict, data: Any, mode: str = mode) -> str:
             c = next(c for c in steering_checks(data.steering) if c["mode"] == mode)
             ratio = c["effect_ratio"]
-            return (f"monotone {'yes' if c['monotone'] else 'NO'}; moved {_f(c['probe_effect'])} vs random "
+            flag = "n/a" if c["monotone"] is None else "yes" if c["monotone"] else "NO"
+            return (f"monotone {flag}; moved {_f(c['probe_effect'])} vs random "
                     f"{_f(c['random_effect'])}" + ("" if ratio is None else f" ({_f(ratio, 1)}x)"))
         out.append(row(f"steering, {mode} mode", check))
     out.append(row("known-answer check", lambda s, _: "passed" if s["known_answer"]["passed"] else "FAILED"))

@@ -14,6 +14,10 @@ def _ci(pair: Any) -> str:
     return f"[{_num(pair[0])}, {_num(pair[1])}]" if pair else "[n/a]"
 
 
+def _yes_no(flag: Any) -> str:
+    return "n/a" if flag is None else "yes" if flag else "NO"
+
+
 def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
     lines = [f"== afprobe: {summary.get('model')} ({summary.get('n_queries')} queries, {summary.get('n_layers')} layers) =="]
     if summary.get("planted"):
@@ -56,7 +60,7 @@ def headline(summary: Mapping[str, Any], paths: Mapping[str, Path]) -> str:
                 f"gap {_num(r['gap'], '{:+.2f}')} {_ci(r.get('gap_ci'))}" for r in ends))
     for c in summary.get("steering_checks") or []:
         ratio = c.get("effect_ratio")
-        lines.append(f"check   {c['mode']} mode, layer {c['layer']}: monotone in alpha {'yes' if c['monotone'] else 'NO'}; "
+        lines.append(f"check   {c['mode']} mode, layer {c['layer']}: monotone in alpha {_yes_no(c['monotone'])}; "
                      f"probe moved compliance {_num(c.get('probe_effect'))}, random {_num(c.get('random_effect'))}"
                      + ("" if ratio is None else f" ({'inf' if ratio == math.inf else _num(ratio, '{:.1f}')}x)"))
     for family, c in (summary.get("compliance_by_family") or {}).items():

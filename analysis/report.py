@@ -653,14 +653,15 @@ def _steering_sentences(rows: list[Row]) -> list[str]:
 
 def _check_sentence(c: dict) -> str:
     same = c["mode"] == "same"
-    if c["monotone"]:
-        words = "yes, " + ("both cues' compliance rises" if same else "the gap shrinks") + " monotonically with alpha"
-    else:
-        words = "NO, " + ("compliance does not rise" if same else "the gap does not shrink") + " monotonically with alpha"
+    if c["monotone"] is None:
+        return (f"Monotonicity check ({c['mode']} mode, layer {_int(c['layer'])}): not possible, some compliance "
+                "rates could not be computed (no parsed outcomes).")
+    shape = "both cues' compliance never falls as alpha grows" if same else "the gap never grows as alpha grows"
+    words = f"yes, {shape}" if c["monotone"] else f"NO, it is not true that {shape}"
     ratio = c["effect_ratio"]
-    vs = "" if c["random_effect"] is None else (
-        f"; at the largest |alpha| the probe moved compliance by {_f(c['probe_effect'])} and the random control by "
-        f"{_f(c['random_effect'])} ({'infinitely' if ratio == math.inf else _f(ratio, 1) + 'x'} as much)")
+    times = "the control did not move it at all" if ratio == math.inf else f"{_f(ratio, 1)}x the control's effect"
+    vs = "" if ratio is None else (f"; at the largest |alpha| the probe moved compliance by {_f(c['probe_effect'])} "
+                                   f"and the random control by {_f(c['random_effect'])} ({times})")
     return f"Monotonicity check ({c['mode']} mode, layer {_int(c['layer'])}): {words}{vs}."
 
 

@@ -144,15 +144,17 @@ def steering_checks(rows: list[dict]) -> list[dict[str, Any]]:
         alphas = sorted(probe)
         if len(alphas) < 2:
             continue
-        if mode == "cross":
-            monotone = _non_decreasing([-probe[a]["gap"] for a in alphas])
+        curves = [[-probe[a]["gap"] for a in alphas]] if mode == "cross" else \
+            [[probe[a][f"rate_{c}"] for a in alphas] for c in ("training", "deployment")]
+        if all(np.isfinite(v) for curve in curves for v in curve):
+            monotone: Optional[bool] = all(_non_decreasing(curve) for curve in curves)
         else:
-            monotone = all(_non_decreasing([probe[a][f"rate_{c}"] for a in alphas]) for c in ("training", "deployment"))
+            monotone = None  # some rate could not be computed (e.g. every answer unparsed)
         random = _by_alpha(rows, "random", mode, layer)
         effect, control = _effect(probe, mode), _effect(random, mode) if random else None
         ratio = None
-        if effect is not None and control is not None:
+        if effect is not None and control is not None and np.isfinite(effect) and np.isfinite(control):
             ratio = float("inf") if control == 0 and effect > 0 else (effect / control if control else None)
-        out.append({"mode": mode, "layer": layer, "alphas": alphas, "monotone": bool(monotone),
+        out.append({"mode": mode, "layer": layer, "alphas": alphas, "monotone": monotone,
                     "probe_effect": effect, "random_effect": control, "effect_ratio": ratio})
     return out
