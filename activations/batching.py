@@ -51,13 +51,16 @@ class SharedPrefixLayer(DynamicLayer):
     Holds the same keys/values as a `DynamicLayer` filled with [prefix | own tokens], but the prefix
     stays a single view expanded over the batch (never copied per row) and only the tokens added
     after it are stored: the full-length [prefix | own] tensors exist only while a layer attends.
+    With `keep_new=False` (one forward, nothing generated after it) the added tokens are attended to
+    but not stored either, so a forward does not hold every layer's keys/values until it ends.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep_new: bool = True) -> None:
         super().__init__()
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
+        self.keep_new = keep_new
 
     # `keys`/`values` read as [prefix | own]; assigning one (e.g. `crop`) makes it the new prefix.
     def _joined(self, i: int) -> Optional[torch.Tensor]:
@@ -76,6 +79,8 @@ class SharedPrefixLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.keep_new:
+            return torch.cat([self._base[0], key_states], dim=-2), torch.cat([self._base[1], value_states], dim=-2)
         self._own = (torch.cat([self._own[0], key_states], dim=-2), torch.cat([self._own[1], value_states], dim=-2))
         return self.keys, self.values
 
@@ -86,10 +91,14 @@ class SharedPrefixLayer(DynamicLayer):
 
 
 class PrefixCache:
-    """Computes a prefix's KV cache once and hands out batch-expanded views of it (no per-row copies)."""
+    """Computes a prefix's KV cache once and hands out batch-expanded views of it (no per-row copies).
 
-    def __init__(self, model: Any) -> None:
+    keep_new: whether the handed-out caches store the tokens run after the prefix (needed to generate;
+    a single forward that only reads activations does not need them)."""
+
+    def __init__(self, model: Any, keep_new: bool = True) -> None:
         self.model = model
+        self.keep_new = keep_new
         self._key: Optional[tuple[int, ...]] = None
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.computed_tokens = 0
@@ -108,8 +117,8 @@ class PrefixCache:
             self._key = key
             self.computed_tokens += len(key)
         cache = DynamicCache()
-        cache.layers = [SharedPrefixLayer(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
-                        for k, v in self._layers]
+        cache.layers = [SharedPrefixLayer(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1),
+                                          self.keep_new) for k, v in self._layers]
         return cache
 
 

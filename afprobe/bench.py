@@ -11,6 +11,11 @@ processes on a shared machine hits both alike:
 - steer_prefix_speedup: steered generation with reuse vs without.
 - rss_growth_mb: peak RSS of `cache_activations` on 10N prompts minus on N prompts (fresh processes).
 - computed_token_fraction: tokens actually run / prompt tokens when caching with reuse.
+- probe_sweep_speedup: the probe stage's sweep (`run_sweep` with the config's methods, folds and bootstrap) vs a
+  straightforward per-key scikit-learn loop (`afprobe.probes.bench.sklearn_loop`) on the same synthetic features
+  (shaped like the config's cache: layers x sites x positions, d_model, queries x cue families) and the same folds,
+  both single-threaded; the loop runs on `bench.sweep_ref_keys` keys and its time is scaled to all keys.
+- probe_max_auroc_diff: largest |held-out AUROC difference| between the two on the keys the loop ran on.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 NO_REUSE_PROMPTS = 16  # the no-reuse caching path runs every token of every prompt: a subset is enough
 STEER_SEPARATION = 5.0
+STEER_REUSE_PASSES = 3  # the reuse run is short: repeat it (fresh runner each time) to sample the machine's load
 TARGETS = {
     "cache_vs_hf": (">=", 0.9),
     "prefix_speedup": (">=", 3.0),
@@ -41,9 +47,11 @@ TARGETS = {
     "steer_prefix_speedup": (">=", 3.0),
     "rss_growth_mb": ("<=", 200.0),
     "max_abs_diff": ("<", 1e-3),
+    "probe_sweep_speedup": (">=", 3.0),
+    "probe_max_auroc_diff": ("<=", 0.01),
 }
 FIGURES = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_speedup", "rss_growth_mb",
-           "computed_token_fraction", "max_abs_diff")
+           "computed_token_fraction", "max_abs_diff", "probe_sweep_speedup", "probe_max_auroc_diff")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -141,12 +149,13 @@ class _Reader:
                     for layer, site in self.sites for pos in self.positions}
 
     def __call__(self, batch: Any) -> None:
-        from afprobe.activations.cache import pool_weights
+        from afprobe.activations.cache import pool_weights, release
 
         pooled = self.backend.read(batch.inputs, self.sites, pool_weights(batch, self.prompts, self.positions))
         for (layer, site), values in pooled.items():
             for k, pos in enumerate(self.positions):
                 self.out[(layer, site, pos)][batch.rows] = values[:, k].float().cpu()
+        release()
 
 
 def _collect(backend: Any, prompts: Sequence[Any], cache_cfg: Any, reuse: bool) -> tuple[list[Any], dict, float]:
@@ -160,7 +169,8 @@ def _collect(backend: Any, prompts: Sequence[Any], cache_cfg: Any, reuse: bool) 
     stats = run_batches(
         [p.input_ids for p in prompts], [p.system_key for p in prompts],
         [earliest_needed(p, cache_cfg.positions) for p in prompts], cache_cfg.batch_tokens,
-        backend.tokenizer.pad_token_id, backend.model, PrefixCache(backend.model) if reuse else None, batches.append,
+        backend.tokenizer.pad_token_id, backend.model, PrefixCache(backend.model, keep_new=False) if reuse else None,
+        batches.append,
     )
     stats["n_batches"] = len(batches)
     return batches, stats, _clock() - t0
@@ -233,9 +243,13 @@ def _cache_round(backend: Any, hf_model: Any, prompts: Sequence[Any], subset: Se
 
 def bench_cache(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config, repeats: int,
                 quiet: bool) -> dict[str, Any]:
+    from afprobe.activations.cache import tensors_from_os
+
     subset = list(prompts[: min(NO_REUSE_PROMPTS, len(prompts))])
-    _warmup(backend, hf_model, prompts, cfg.cache)
-    rounds = [_cache_round(backend, hf_model, prompts, subset, cfg.cache, rep, repeats, quiet) for rep in range(repeats)]
+    with tensors_from_os():  # the allocator setting the cache stage runs with (process-wide: HF forwards too)
+        _warmup(backend, hf_model, prompts, cfg.cache)
+        rounds = [_cache_round(backend, hf_model, prompts, subset, cfg.cache, rep, repeats, quiet)
+                  for rep in range(repeats)]
     max_diff = max(r["max_diff"] for r in rounds)
 
     tokens = rounds[0]["stats"]["total_tokens"]
@@ -336,7 +350,9 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
         times = {"steered": 0.0, "plain": 0.0, "reuse": 0.0}
         plain_generated = [0]
         texts = {"steered": [""] * len(prompts), "reuse": [""] * len(prompts)}
-        reuse_runner = SteeringRunner(backend, budget, prefix_reuse=True, max_batch=max_batch)  # prefix cost counted
+        # Fresh runners, so that every pass pays for computing the shared prefix.
+        reuse_runners = [SteeringRunner(backend, budget, prefix_reuse=True, max_batch=max_batch)
+                         for _ in range(STEER_REUSE_PASSES)]
 
         def steered(rows: list[int], which: str, run: Any) -> None:
             t0 = _clock()
@@ -358,14 +374,16 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
             return run
 
         queues = {"no_reuse": [pair(i, rows) for i, rows in enumerate(batches)],
-                  "reuse": [lambda rows=rows: steered(rows, "reuse", reuse_runner) for rows in reuse_batches]}
+                  "reuse": [lambda rows=rows, run=run: steered(rows, "reuse", run)
+                            for run in reuse_runners for rows in reuse_batches]}
         bar = _bar(sum(map(len, queues.values())), f"steer: reuse / no reuse / HF generate ({rep + 1}/{repeats})",
                    quiet, "batch")
         _interleave(queues, bar.update)
         bar.close()
         same = sum(a == b for a, b in zip(texts["steered"], texts["reuse"])) / len(prompts)
+        times["reuse"] /= STEER_REUSE_PASSES
         rounds.append(dict(times, plain_generated=plain_generated[0], same=same,
-                           reuse_counts=dict(reuse_runner.token_counts)))
+                           reuse_counts=dict(reuse_runners[0].token_counts)))
 
     steered_generated = n_new * len(prompts)  # EOS never stops the steered run early (truncated afterwards)
     vs_plain = [_ratio(r["plain"], r["steered"]) for r in rounds]
@@ -392,6 +410,7 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
                 "ratio": _median(speedup), "per_repeat": speedup, "n_prompts": len(prompts),
                 "n_batches_reuse": len(reuse_batches), "n_batches_no_reuse": len(batches),
                 "no_reuse_s": [r["steered"] for r in rounds], "reuse_s": [r["reuse"] for r in rounds],
+                "reuse_passes": STEER_REUSE_PASSES,
                 "reuse_total_tokens": counts["total_tokens"], "reuse_computed_tokens": counts["computed_tokens"],
                 "same_text_fraction": _median([r["same"] for r in rounds]),
             },
@@ -487,6 +506,119 @@ def bench_rss(cfg: Config, quiet: bool) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------ probe sweep
+
+def _spread(n: int, k: int) -> list[int]:
+    """`k` indices spread evenly over range(n), ends included (all of them when k is 0 or >= n)."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def sweep_shape(cfg: Config, n_layers: int, d_model: int) -> dict[str, Any]:
+    """The shape of the probe stage's input for this config and model (what the synthetic features copy)."""
+    from afprobe.activations.cache import resolve_layers
+    from afprobe.activations.queries import load_queries
+
+    n_queries = cfg.bench.sweep_queries or len(load_queries(cfg.queries, cfg.seed))
+    if n_queries < cfg.probes.folds:
+        raise BadInput(f"the probe-sweep benchmark needs at least probes.folds={cfg.probes.folds} queries, got "
+                       f"{n_queries}; raise queries.limit or set bench.sweep_queries")
+    return {"layers": resolve_layers(cfg.cache.layers, n_layers), "sites": list(cfg.cache.sites),
+            "positions": list(cfg.cache.positions), "d": d_model, "n_queries": n_queries,
+            "families": list(cfg.scenario.cue_families), "methods": list(cfg.probes.methods),
+            "folds": cfg.probes.folds, "bootstrap": cfg.probes.bootstrap, "ci": cfg.probes.ci, "seed": cfg.seed}
+
+
+def _synthetic_sweep_data(shape: dict[str, Any]) -> tuple[dict, Any, Any, Any]:
+    """Synthetic features keyed like the cache stage's store ((layer, site, position), layer-major), with labels,
+    query groups and families laid out as the cache stage lays out prompts (query x family x condition)."""
+    from afprobe.probes.bench import synthetic_features
+
+    layers, n_layers = shape["layers"], len(shape["layers"])
+    per_site = {}
+    for s, site in enumerate(shape["sites"]):
+        data = synthetic_features(shape["n_queries"], n_layers, shape["d"], n_layers // 2, seed=shape["seed"] + s,
+                                  positions=tuple(shape["positions"]), site=site, families=tuple(shape["families"]))
+        per_site[site] = data
+    features = {(layer, site, pos): per_site[site].features[(i, site, pos)]
+                for i, layer in enumerate(layers) for site in shape["sites"] for pos in shape["positions"]}
+    first = per_site[shape["sites"][0]]
+    return features, first.labels, first.groups, first.families
+
+
+def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict[str, Any]:
+    """Time `run_sweep` (as the probe stage calls it) against the per-key scikit-learn loop on the same data."""
+    import numpy as np
+    import sklearn.discriminant_analysis  # noqa: F401  (imported before the thread limit below: importing
+    import sklearn.linear_model  # noqa: F401  scikit-learn loads SciPy's own BLAS, which must be limited too)
+    from threadpoolctl import threadpool_limits
+
+    from afprobe.probes.bench import sklearn_loop
+    from afprobe.probes.sweep import main_family_mask, run_sweep
+
+    features, labels, groups, families = _synthetic_sweep_data(shape)
+    keys = list(features)
+    methods = tuple(shape["methods"])
+    sweep_kw = dict(methods=methods, folds=shape["folds"], n_boot=shape["bootstrap"], ci=shape["ci"],
+                    seed=shape["seed"])
+
+    def sweep(feats: dict) -> tuple[Any, float]:
+        t0 = _clock()
+        res = run_sweep(feats, labels, groups, families, **sweep_kw)
+        return res, _clock() - t0
+
+    def loop(feats: dict) -> tuple[dict, float]:
+        t0 = _clock()
+        with threadpool_limits(limits=1):  # run_sweep is single-threaded: like for like
+            ref = sklearn_loop(feats, labels, groups, families, shape["folds"], shape["seed"], methods=methods)
+        return ref, _clock() - t0
+
+    # Warm-up on a thin slice of one key, so that one-off costs (lazy imports, thread pools) are timed for neither.
+    thin = {keys[0]: np.ascontiguousarray(features[keys[0]][:, :8])}
+    sweep(thin)
+    loop(thin)
+    chosen = [keys[i] for i in _spread(len(keys), ref_keys)]
+    if not quiet:
+        print(f"probe sweep: run_sweep on {len(keys)} keys x {len(methods)} methods ({len(labels)} rows, "
+              f"d {shape['d']}); scikit-learn loop on {len(chosen)} keys ...", flush=True)
+    result, sweep_s = sweep(features)
+    ref, loop_s = loop({k: features[k] for k in chosen})
+    subset_sweep_s = sweep({k: features[k] for k in chosen})[1] if len(chosen) < len(keys) else sweep_s
+    mine = {((r["layer"], r["site"], r["position"]), r["method"]): r["auroc"] for r in result.rows
+            if r["train_family"] == "all" and r["test_family"] == "all"}
+    diffs = {k: abs(mine[k] - v) for k, v in ref.items()}
+    max_diff = max(diffs.values())
+    loop_all_s = loop_s * len(keys) / len(chosen)
+    speedup = _ratio(loop_all_s, sweep_s)
+    n_main = int(main_family_mask(families, "swapped_tier").sum())  # run_sweep's default swapped family
+    return {
+        "probe_sweep_speedup": speedup,
+        "probe_max_auroc_diff": max_diff,
+        "details": {
+            "probe_sweep_speedup": {
+                "ratio": speedup, "sweep_s": sweep_s, "sklearn_loop_s_extrapolated": loop_all_s,
+                "sklearn_loop_s_measured": loop_s, "n_keys": len(keys), "n_keys_sklearn_loop": len(chosen),
+                "sklearn_loop_keys": [list(k) for k in chosen],
+                "sweep_s_per_key": sweep_s / len(keys), "sklearn_loop_s_per_key": loop_s / len(chosen),
+                "subset_measured": {"ratio": _ratio(loop_s, subset_sweep_s), "sweep_s": subset_sweep_s,
+                                    "sklearn_loop_s": loop_s, "n_keys": len(chosen)},
+                "data": "synthetic (afprobe.probes.bench.synthetic_features): the sweep takes arrays only",
+                "n_rows": len(labels), "n_main_rows": n_main,
+                "shape": {k: v for k, v in shape.items() if k != "layers"},
+                "n_layers": len(shape["layers"]), "threads": {"run_sweep": 1, "sklearn_loop_blas": 1},
+            },
+            "probe_max_auroc_diff": {
+                "value": max_diff, "n_compared": len(diffs),
+                "per_method": {m: max(d for (_, mm), d in diffs.items() if mm == m) for m in methods},
+                "mean_auroc_sklearn": float(np.mean(list(ref.values()))),
+            },
+        },
+    }
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def _passes(name: str, value: float) -> Optional[bool]:
@@ -507,7 +639,7 @@ def format_table(results: dict[str, Any]) -> str:
         value = results[name]
         op, target = TARGETS.get(name, ("", None))
         ok = results["pass"].get(name)
-        shown = f"{value:.2e}" if name == "max_abs_diff" else f"{value:.2f}"
+        shown = {"max_abs_diff": f"{value:.2e}", "probe_max_auroc_diff": f"{value:.4f}"}.get(name, f"{value:.2f}")
         tgt = f"{op} {target:g}" if target is not None else "-"
         lines.append(f"{name:<24} {shown:>10}  {tgt:<9} {'-' if ok is None else ('yes' if ok else 'NO')}")
     d = results["details"]
@@ -516,6 +648,13 @@ def format_table(results: dict[str, Any]) -> str:
         f"{d['cache_vs_hf']['hf_tokens_per_s']:.0f}, reuse {d['prefix_speedup']['reuse_tokens_per_s']:.0f} "
         f"(prompt tokens/s); steered {d['steer_vs_generate']['steered_tokens_per_s']:.0f} vs generate "
         f"{d['steer_vs_generate']['plain_tokens_per_s']:.0f} tok/s"
+    )
+    ps = d["probe_sweep_speedup"]
+    lines.append(
+        f"probe sweep: {ps['sweep_s']:.1f} s for {ps['n_keys']} keys x {len(ps['shape']['methods'])} methods "
+        f"({ps['n_rows']} rows, d {ps['shape']['d']}, bootstrap {ps['shape']['bootstrap']}) vs scikit-learn loop "
+        f"{ps['sklearn_loop_s_extrapolated']:.1f} s (measured {ps['sklearn_loop_s_measured']:.1f} s on "
+        f"{ps['n_keys_sklearn_loop']} keys)"
     )
     return "\n".join(lines)
 
@@ -551,6 +690,8 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
         notes.append(f"the config builds only {len(prompts)} prompts of family {cfg.scenario.cue_families[0]}; "
                      "raise queries.limit for the requested sizes")
 
+    shape = sweep_shape(cfg, backend.n_layers, backend.d_model)  # checked before the long measurements
+
     phases = {"load_and_prompts": _clock() - start}
     t0 = _clock()
     cache = bench_cache(backend, hf_model, cache_prompts, cfg, bc.repeats, quiet)
@@ -558,8 +699,10 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     steer = bench_steer(backend, hf_model, gen_prompts, cfg, bc.repeats, quiet)
     phases["steer"], t0 = _clock() - t0, _clock()
     rss = bench_rss(cfg, quiet)
-    phases["rss"] = _clock() - t0
-    details = {**cache.pop("details"), **steer.pop("details"), **rss.pop("details")}
+    phases["rss"], t0 = _clock() - t0, _clock()
+    probe = bench_probe_sweep(shape, bc.sweep_ref_keys, quiet)
+    phases["probe_sweep"] = _clock() - t0
+    details = {**cache.pop("details"), **steer.pop("details"), **rss.pop("details"), **probe.pop("details")}
     pd = details["prefix_speedup"]
     if pd["no_reuse_extrapolated"]:
         notes.append(
@@ -569,7 +712,8 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     notes.append("every ratio compares variants measured in this process on the same prompts, interleaved: "
                  "cache_vs_hf and steer_vs_generate run both variants on each identical batch in alternating "
                  "order; the reuse runs' batches are spread evenly between them; reuse times include computing "
-                 "the shared prefix")
+                 "the shared prefix; steered generation with reuse is run "
+                 f"{STEER_REUSE_PASSES} times per repeat (fresh prefix each time) and its mean time used")
     rd = details["rss_growth_mb"]
     notes.append(f"rss_growth_mb: the largest batch has {rd['small']['max_batch_rows']} rows for "
                  f"{rd['small']['n_prompts']} prompts and {rd['large']['max_batch_rows']} for "
@@ -578,10 +722,23 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     notes.append("cache_vs_hf: the HF forward computes logits for every token; the caching path stops after the "
                  "last cached layer. details.cache_vs_hf.vs_hf_last_logit compares against an HF forward that "
                  "computes only the last token's logits (use_cache=False, logits_to_keep=1)")
+    ps = details["probe_sweep_speedup"]
+    notes.append(
+        "probe_sweep_speedup: the sweep takes arrays only, so it runs on synthetic features with a planted direction, "
+        f"shaped like this config's cache ({ps['n_keys']} layer/site/position keys, {ps['n_rows']} rows = "
+        f"{shape['n_queries']} queries x {len(shape['families'])} cue families x 2 conditions, d {shape['d']}); "
+        "timed: the whole run_sweep call as the probe stage makes it (methods, folds, bootstrap, controls, "
+        "generalisation matrix, refits) against a per-key scikit-learn loop that fits only the held-out AUROCs on "
+        "the same outer and inner folds, both single-threaded; "
+        + (f"the loop ran on {ps['n_keys_sklearn_loop']} keys spread over all {ps['n_keys']} and its time is scaled "
+           f"per key to all of them (subset_measured: run_sweep on the same {ps['n_keys_sklearn_loop']} keys); "
+           if ps["n_keys_sklearn_loop"] < ps["n_keys"] else "the loop ran on every key; ")
+        + "probe_max_auroc_diff is over the keys the loop ran on, every method")
     if bc.repeats > 1:
-        notes.append(f"{bc.repeats} repeats: each figure is the median of the per-repeat ratios")
+        notes.append(f"{bc.repeats} repeats: each caching and generation figure is the median of the per-repeat "
+                     "ratios (the probe sweep and the RSS check run once)")
 
-    results: dict[str, Any] = {**cache, **steer, **rss}
+    results: dict[str, Any] = {**cache, **steer, **rss, **probe}
     results = {k: float(results[k]) for k in FIGURES}
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results.update(

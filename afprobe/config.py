@@ -75,6 +75,7 @@ class ProbesConfig(_Strict):
     bootstrap: int = Field(default=1000, ge=10)
     ci: float = Field(default=0.95, gt=0, lt=1)
     best_positions: Optional[list[Position]] = None  # positions eligible as "best" (None: all cached)
+    best_methods: Optional[list[Method]] = None  # methods eligible as "best", i.e. to steer along (None: all)
 
 
 class SteeringConfig(_Strict):
@@ -84,6 +85,7 @@ class SteeringConfig(_Strict):
     positions: Literal["user", "all"] = "user"
     mode: Literal["same", "cross", "both"] = "same"  # both: the same and the cross sweep
     controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
+    control_alphas: Optional[list[float]] = None  # alphas for the random control (None: every alpha)
     max_new_tokens: int = Field(default=8, ge=1)
     n_queries: Optional[int] = Field(default=None, ge=1)
     do_sample: bool = False

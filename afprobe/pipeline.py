@@ -154,7 +154,7 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
                     continue  # alpha 0 is the unsteered model in every mode: scored once, as "same"
                 common = dict(separation=sep, layers=(layer,), alpha=float(alpha), mode=mode, positions=st.positions)
                 specs.append(SteeringSpec("probe", unit, **common))
-                if "random" in st.controls and alpha != 0:
+                if "random" in st.controls and alpha != 0 and (st.control_alphas is None or alpha in st.control_alphas):
                     specs.append(SteeringSpec("random", control, **common))
         if "ablation" in st.controls:
             specs.append(SteeringSpec("ablation", unit, sep, (layer,), alpha=0.0, mode="same", positions="all"))
@@ -331,9 +331,12 @@ def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         eligible = {k: v for k, v in features.items() if k[2] in (cfg.probes.best_positions or [k[2]])}
         if not eligible:
             raise BadInput(f"probes.best_positions {cfg.probes.best_positions} names no cached position")
-        if len(eligible) < len(features):  # the best (and the steering direction) only among these positions
-            rows = result.rows
-            result = run_sweep(eligible, labels, groups, families, **sweep)
+        methods = list(cfg.probes.best_methods or cfg.probes.methods)
+        if not set(methods) <= set(cfg.probes.methods):
+            raise BadInput(f"probes.best_methods {methods} must be among probes.methods {cfg.probes.methods}")
+        if len(eligible) < len(features) or methods != list(cfg.probes.methods):
+            rows = result.rows  # metrics.csv keeps every cell; the best (and the steering direction) among these
+            result = run_sweep(eligible, labels, groups, families, **{**sweep, "methods": methods})
             result.rows = rows
         folder = run.path / "probes"
         atomic_write_csv(folder / "metrics.csv", result.rows, ROW_FIELDS)

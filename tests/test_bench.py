@@ -13,7 +13,7 @@ import pytest
 from afprobe.bench import FIGURES, run_bench
 
 REQUIRED = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_speedup", "rss_growth_mb",
-            "computed_token_fraction")
+            "computed_token_fraction", "probe_sweep_speedup", "probe_max_auroc_diff")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tiny_folder(tmp_path_factory, smol_tokenizer):
 def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     out = tmp_path / "bench.json"
     overrides = [f"model.spec={tiny_folder}", "bench.n_prompts=4", "bench.n_generate=2", "bench.rss_n=2",
-                 "queries.limit=4", "cache.layers=[0,1]"]
+                 "queries.limit=4", "cache.layers=[0,1]", "bench.sweep_queries=20", "bench.sweep_ref_keys=2"]
     returned = run_bench(None, overrides, str(out), quiet=True)
     data = json.loads(out.read_text())
     for key in REQUIRED + ("max_abs_diff",):
@@ -44,4 +44,11 @@ def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     assert d["steer_prefix_speedup"]["reuse_computed_tokens"] < d["steer_prefix_speedup"]["reuse_total_tokens"]
     assert data["machine"]["usable_cores"] >= 1 and data["backend"] == "nnsight"
     assert data["prompts"]["n_cache"] == 4 and data["notes"]
-    assert "cache_vs_hf" in capsys.readouterr().out  # the table
+    ps = d["probe_sweep_speedup"]  # synthetic features shaped like the cache: 2 layers x 3 positions, d 64
+    assert ps["n_keys"] == 6 and ps["n_keys_sklearn_loop"] == 2 and ps["n_rows"] == 20 * 3 * 2
+    assert ps["shape"]["d"] == 64 and ps["shape"]["methods"] == ["diff_means", "logreg", "lda"]
+    assert ps["sweep_s"] > 0 and ps["sklearn_loop_s_measured"] > 0
+    assert data["probe_max_auroc_diff"] < 0.01
+    assert d["probe_max_auroc_diff"]["n_compared"] == 2 * 3
+    table = capsys.readouterr().out
+    assert "cache_vs_hf" in table and "probe_sweep_speedup" in table and "probe_max_auroc_diff" in table
