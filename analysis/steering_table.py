@@ -118,20 +118,17 @@ def _non_decreasing(values: list[float]) -> bool:
 
 
 def _effect(curve: dict[float, dict], mode: str) -> Optional[float]:
-    """How far the largest |alpha| moved compliance from alpha 0. Same mode: deployment-cue rate at the
-    largest positive alpha plus training-cue rate at the most negative (each toward the other cue's level);
-    cross mode: the gap's change at the largest alpha."""
+    """How far the extreme alphas moved compliance from alpha 0, in any direction. Same mode: the summed
+    absolute change of both cues' rates at the most negative and the most positive alpha (0 to 4);
+    cross mode: the absolute change of the gap at the largest alpha."""
     if 0.0 not in curve or len(curve) < 2:
         return None
-    lo, hi, zero = min(curve), max(curve), curve[0.0]
+    zero = curve[0.0]
     if mode == "cross":
+        hi = max(curve)
         return abs(curve[hi]["gap"] - zero["gap"]) if hi > 0 else None
-    moves = []
-    if hi > 0:
-        moves.append(abs(curve[hi]["rate_deployment"] - zero["rate_deployment"]))
-    if lo < 0:
-        moves.append(abs(curve[lo]["rate_training"] - zero["rate_training"]))
-    return float(sum(moves)) if moves else None
+    ends = {min(curve), max(curve)} - {0.0}
+    return float(sum(abs(curve[a][f"rate_{c}"] - zero[f"rate_{c}"]) for a in ends for c in ("training", "deployment")))
 
 
 def steering_checks(rows: list[dict]) -> list[dict[str, Any]]:

@@ -242,9 +242,9 @@ def test_steering_checks_and_family_transfer(full_run: Path) -> None:
     from afprobe.analysis.steering_table import steering_checks
 
     checks = {c["mode"]: c for c in steering_checks(load_run(full_run).steering)}
-    # same mode: probe slope 0.2 per alpha; at +2 the deployment rate moves 0.4, at -2 the training rate 0.4
+    # same mode: probe slope 0.2 per alpha; at +2 and at -2 each cue's rate moves 0.4
     assert checks["same"]["monotone"] is True
-    assert checks["same"]["probe_effect"] == pytest.approx(0.8)
+    assert checks["same"]["probe_effect"] == pytest.approx(1.6)
     assert checks["same"]["random_effect"] == 0 and checks["same"]["effect_ratio"] == float("inf")
     # cross mode rows of the fixture keep the gap constant: monotone (non-increasing), no effect
     assert checks["cross"]["monotone"] is True and checks["cross"]["probe_effect"] == pytest.approx(0.0)
