@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from afprobe.errors import BadInput
 
@@ -76,6 +76,12 @@ class ProbesConfig(_Strict):
     ci: float = Field(default=0.95, gt=0, lt=1)
     best_positions: Optional[list[Position]] = None  # positions eligible as "best" (None: all cached)
     best_methods: Optional[list[Method]] = None  # methods eligible as "best", i.e. to steer along (None: all)
+
+    @model_validator(mode="after")
+    def _best_among_methods(self) -> "ProbesConfig":
+        if self.best_methods is not None and not set(self.best_methods) <= set(self.methods):
+            raise ValueError(f"best_methods {self.best_methods} must be among methods {self.methods}")
+        return self
 
 
 class SteeringConfig(_Strict):

@@ -332,8 +332,6 @@ def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         if not eligible:
             raise BadInput(f"probes.best_positions {cfg.probes.best_positions} names no cached position")
         methods = list(cfg.probes.best_methods or cfg.probes.methods)
-        if not set(methods) <= set(cfg.probes.methods):
-            raise BadInput(f"probes.best_methods {methods} must be among probes.methods {cfg.probes.methods}")
         if len(eligible) < len(features) or methods != list(cfg.probes.methods):
             rows = result.rows  # metrics.csv keeps every cell; the best (and the steering direction) among these
             result = run_sweep(eligible, labels, groups, families, **{**sweep, "methods": methods})

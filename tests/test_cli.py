@@ -94,3 +94,8 @@ def test_probe_before_cache(capsys, tmp_path):
 
 def test_run_name_cannot_escape(capsys, tmp_path):
     _fails(capsys, ["run", DEFAULT, "--set", "name=../../etc"], "run name")
+
+
+def test_best_methods_outside_methods(capsys, tmp_path):
+    _fails(capsys, ["run", DEFAULT, "--out", str(tmp_path / "r"), "--set", "probes.methods=[diff_means]",
+                    "--set", "probes.best_methods=[lda]"], "best_methods")
