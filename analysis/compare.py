@@ -29,7 +29,7 @@ def _rows_for(runs: list[tuple[Path, Any]]) -> list[list[str]]:
         for _, data in runs:
             try:
                 cells.append(fn(data.summary or {}, data))
-            except (KeyError, TypeError, IndexError):
+            except (KeyError, TypeError, IndexError, StopIteration):  # absent from this run
                 cells.append("n/a")
         return [label, *cells]
 
@@ -65,7 +65,7 @@ def _rows_for(runs: list[tuple[Path, Any]]) -> list[list[str]]:
             ratio = c["effect_ratio"]
             flag = "n/a" if c["monotone"] is None else "yes" if c["monotone"] else "NO"
             return (f"monotone {flag}; moved {_f(c['probe_effect'])} vs random "
-                    f"{_f(c['random_effect'])}" + ("" if ratio is None else f" ({_f(ratio, 1)}x)"))
+                    f"{_f(c['random_effect'])}" + ("" if ratio is None else " (control moved nothing)" if ratio == float("inf") else f" ({_f(ratio, 1)}x)"))
         out.append(row(f"steering, {mode} mode", check))
     out.append(row("known-answer check", lambda s, _: "passed" if s["known_answer"]["passed"] else "FAILED"))
     out.append(row("seconds (cache / probe / steer / report)", lambda s, _: " / ".join(
