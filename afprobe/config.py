@@ -101,6 +101,11 @@ class SteeringConfig(_Strict):
     scorer: Literal["tag", "logodds"] = "tag"  # what counts as compliance (log-odds: accept tag preferred)
     known_answer: bool = True  # also steer against the harmful-vs-benign refusal direction
 
+    @property
+    def modes(self) -> list[str]:
+        """The sweeps `mode` asks for."""
+        return ["same", "cross"] if self.mode == "both" else [self.mode]
+
     @field_validator("alphas")
     @classmethod
     def _non_empty(cls, value: list[float]) -> list[float]:

@@ -136,7 +136,6 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
     folder = run.path / "probes" / "directions"
     st = cfg.steering
     names = ["best"] if st.layers == "best" else [f"layer{layer}" for layer in st.layers]
-    modes = ["same", "cross"] if st.mode == "both" else [st.mode]
     if st.direction != "best":
         names = [st.direction]
     specs = []
@@ -148,7 +147,7 @@ def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
         unit = torch.tensor(vector, dtype=torch.float32)
         sep = float(meta["separation"])
         control = random_orthogonal(unit, cfg.seed + layer)
-        for mode in modes:
+        for mode in st.modes:
             for alpha in st.alphas:
                 if alpha == 0 and mode == "cross":
                     continue  # alpha 0 is the unsteered model in every mode: scored once, as "same"
@@ -223,10 +222,9 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
         rows = results_rows(records, seed=cfg.seed, scorer=st.scorer)
         # alpha 0 is the unsteered model along any direction and in any mode: copy its row
-        modes = ["same", "cross"] if st.mode == "both" else [st.mode]
         directions = ["probe", "random"] if "random" in st.controls else ["probe"]
         zero = [r for r in rows if r["direction"] == "probe" and r["alpha"] == 0]
-        rows += [{**r, "direction": d, "mode": m} for r in zero for m in modes for d in directions
+        rows += [{**r, "direction": d, "mode": m} for r in zero for m in st.modes for d in directions
                  if (d, m) != ("probe", r["mode"])]
         atomic_write_csv(run.path / "steering" / "results.csv", rows, CSV_COLUMNS)
         base = baseline_records(records)
