@@ -13,9 +13,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from afprobe.activations.backends import ModelInputs
+from afprobe.activations.kv import PrefixLayer, cache_from_layers
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -45,53 +45,9 @@ def budget_batches(lengths: Sequence[int], keys: Sequence[Any], budget: int, max
     return batches
 
 
-class SharedPrefixLayer(DynamicLayer):
-    """One layer's KV cache continuing a prefix shared by every row of the batch.
-
-    Holds the same keys/values as a `DynamicLayer` filled with [prefix | own tokens], but the prefix
-    stays a single view expanded over the batch (never copied per row) and only the tokens added
-    after it are stored: the full-length [prefix | own] tensors exist only while a layer attends.
-    With `keep_new=False` (one forward, nothing generated after it) the added tokens are attended to
-    but not stored either, so a forward does not hold every layer's keys/values until it ends.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep_new: bool = True) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.keep_new = keep_new
-
-    # `keys`/`values` read as [prefix | own]; assigning one (e.g. `crop`) makes it the new prefix.
-    def _joined(self, i: int) -> Optional[torch.Tensor]:
-        base, own = self._base[i], self._own[i]
-        if base is None or own is None or own.shape[-2] == 0:
-            return base
-        return torch.cat([base, own], dim=-2)
-
-    def _assign(self, i: int, value: Optional[torch.Tensor]) -> None:
-        base, own = list(getattr(self, "_base", (None, None))), list(getattr(self, "_own", (None, None)))
-        base[i], own[i] = value, (value[..., :0, :] if value is not None and value.dim() >= 2 else None)
-        self._base, self._own = tuple(base), tuple(own)
-
-    keys = property(lambda self: self._joined(0), lambda self, value: self._assign(0, value))
-    values = property(lambda self: self._joined(1), lambda self, value: self._assign(1, value))
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.keep_new:
-            return torch.cat([self._base[0], key_states], dim=-2), torch.cat([self._base[1], value_states], dim=-2)
-        self._own = (torch.cat([self._own[0], key_states], dim=-2), torch.cat([self._own[1], value_states], dim=-2))
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        if self._base[0] is None:
-            return 0
-        return self._base[0].shape[-2] + self._own[0].shape[-2]
-
-
 class PrefixCache:
-    """Computes a prefix's KV cache once and hands out batch-expanded views of it (no per-row copies).
+    """Computes a prefix's KV cache once and hands out caches continuing it (`PrefixLayer`: the prefix is
+    shared by every row, never copied).
 
     keep_new: whether the handed-out caches store the tokens run after the prefix (needed to generate;
     a single forward that only reads activations does not need them)."""
@@ -116,10 +72,11 @@ class PrefixCache:
             self._layers = [(k, v) for k, v, *_ in out.past_key_values]
             self._key = key
             self.computed_tokens += len(key)
-        cache = DynamicCache()
-        cache.layers = [SharedPrefixLayer(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1),
-                                          self.keep_new) for k, v in self._layers]
-        return cache
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            return t.new_empty((batch_size, t.shape[1], 0, t.shape[3]))
+
+        return cache_from_layers([PrefixLayer(self.model.config, (k, v), (empty(k), empty(v)), keep_new=self.keep_new)
+                                  for k, v in self._layers])
 
 
 @dataclass

@@ -11,11 +11,9 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
-from transformers import DynamicCache
-
 from afprobe.activations.backends import Backend, ModelInputs, ResidualEdit
 from afprobe.activations.batching import Batch, PrefixCache, run_batches
-from afprobe.activations.kv import preallocated_cache
+from afprobe.activations.kv import PrefixLayer, as_prefix_layers, cache_from_layers
 
 Direction = Literal["probe", "random", "ablation", "refusal"]
 
@@ -158,7 +156,7 @@ class SteeringRunner:
         def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
             inputs = batch.inputs
             logits, past = self.backend.logits(replace(inputs, keep_cache=True, last_logits_only=True), edit)
-            layers = [(k, v) for k, v, *_ in past]
+            layers = as_prefix_layers(past, self.backend.model.config)
             first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
             logps = self._tag_logps(inputs, layers, first, tags, edit)
             for r, row in enumerate(batch.rows):
@@ -168,7 +166,7 @@ class SteeringRunner:
                 settings["temperature"] = temperature
                 torch.manual_seed(seed + batch.rows[0])
             # generation re-runs the prompt's last token; new tokens are written into the buffer in place
-            cropped = preallocated_cache([(k[..., :-1, :], v[..., :-1, :]) for k, v in layers], max_new_tokens + 1)
+            cropped = cache_from_layers([layer.derived(drop_last=1, room=max_new_tokens + 1) for layer in layers])
             resumed = replace(inputs, past=cropped, keep_cache=False)
             new = self.backend.generate(resumed, _continuation_edit(edit, 1), **settings)
             for r, row in enumerate(batch.rows):
@@ -177,7 +175,7 @@ class SteeringRunner:
         self._run([list(p.input_ids) for p in prompts], prompts, spec, fn, progress)
         return texts, odds
 
-    def _tag_logps(self, inputs: ModelInputs, layers: list, first: torch.Tensor, tags: list[list[int]],
+    def _tag_logps(self, inputs: ModelInputs, layers: list[PrefixLayer], first: torch.Tensor, tags: list[list[int]],
                    edit: Optional[ResidualEdit]) -> list[list[float]]:
         """log P(tag | prompt) for each row and tag, teacher-forced from the prompt's cache."""
         b, n_tags = first.shape[0], len(tags)
@@ -192,8 +190,7 @@ class SteeringRunner:
             mask[j::n_tags, : len(tag) - 1] = 1
         device = inputs.input_ids.device
         last = inputs.position_ids[:, -1:].repeat_interleave(n_tags, 0)
-        cache = DynamicCache(ddp_cache_data=[(k.repeat_interleave(n_tags, 0), v.repeat_interleave(n_tags, 0))
-                                             for k, v in layers])
+        cache = cache_from_layers([layer.derived(repeat=n_tags, room=width) for layer in layers])
         cont = ModelInputs(
             input_ids=ids.to(device),
             attention_mask=torch.cat([inputs.attention_mask.repeat_interleave(n_tags, 0), mask.to(device)], dim=1),

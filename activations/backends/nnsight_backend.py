@@ -8,6 +8,7 @@ from typing import Any, Optional
 import nnsight
 import torch
 
+from afprobe.activations.attention import split_prefix
 from afprobe.activations.backends.base import (
     Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, project_out, truncate_at_eos,
 )
@@ -47,7 +48,7 @@ class NnsightBackend(Backend):
     def read(self, inputs: ModelInputs, sites: list[SiteKey], weights: torch.Tensor) -> dict[SiteKey, torch.Tensor]:
         order = {"resid_pre": 0, "resid_mid": 1, "resid_post": 2}
         wanted = sorted(sites, key=lambda s: (s[0], order[s[1]]))
-        with torch.inference_mode():
+        with torch.inference_mode(), split_prefix(self.model):
             with self.lm.trace(**inputs.forward_kwargs()) as tracer:
                 out = nnsight.save({})
                 for layer, site in wanted:
@@ -63,7 +64,7 @@ class NnsightBackend(Backend):
         return dict(out)
 
     def logits(self, inputs: ModelInputs, edit: Optional[ResidualEdit] = None) -> tuple[torch.Tensor, Any]:
-        with torch.inference_mode():
+        with torch.inference_mode(), split_prefix(self.model):
             with self.lm.trace(**inputs.forward_kwargs()):
                 if edit is not None:
                     _apply_edit(self.lm, self._blocks, self.adapter, edit)
@@ -77,7 +78,7 @@ class NnsightBackend(Backend):
         kwargs = dict(input_ids=inputs.full_ids, attention_mask=inputs.attention_mask, generation_config=config)
         if inputs.past is not None:
             kwargs["past_key_values"] = inputs.past
-        with torch.inference_mode():
+        with torch.inference_mode(), split_prefix(self.model):
             with self.lm.generate(**kwargs) as tracer:
                 if edit is not None:
                     for _ in tracer.iter[:steps]:
