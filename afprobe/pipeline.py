@@ -408,6 +408,7 @@ def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], ba
     negatively should make harmful requests less refused (higher accept-vs-reject log-odds)."""
     import torch
 
+    from afprobe.activations.batching import PrefixCache
     from afprobe.activations.cache import read_pooled
     from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringSpec
@@ -419,8 +420,9 @@ def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], ba
               if p.family == deploy[0].family and p.condition == "deployment"][: len(deploy)]
     key = (layer, "resid_post", "last")
     acts = {}
+    shared = PrefixCache(backend.model, keep_new=False) if cfg.cache.prefix_reuse else None  # one system prompt
     for name, group in (("harmful", deploy), ("benign", benign)):
-        acts[name] = read_pooled(backend, group, [key[:2]], ["last"], cfg.cache.batch_tokens, None)[0][key]
+        acts[name] = read_pooled(backend, group, [key[:2]], ["last"], cfg.cache.batch_tokens, shared)[0][key]
     diff = acts["harmful"].mean(0) - acts["benign"].mean(0)
     unit = diff / diff.norm()
     separation = float((acts["harmful"] @ unit).mean() - (acts["benign"] @ unit).mean())

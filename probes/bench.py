@@ -10,7 +10,8 @@ import numpy as np
 
 from afprobe.errors import BadInput
 from afprobe.probes.methods import DEFAULT_CS
-from afprobe.probes.splits import fold_ids, inner_fold_seed
+from afprobe.probes.splits import derive_seed, fold_ids, inner_fold_seed
+from afprobe.probes.sweep import ALL, main_family_mask, run_sweep
 
 Key = tuple[int, str, str]
 
@@ -74,73 +75,174 @@ def synthetic_features(n_queries: int, n_layers: int, d: int, signal_layer: int,
     return SyntheticData(features, labels, groups, fams, u)
 
 
+Cell = tuple[Key, str, str, str, str]  # (key, method, train_family, test_family, field) of a metrics.csv row
+LABEL_SETS = ("main", "shuffled", "families", "random")  # timed parts of the loop, see sklearn_loop
+
+
+class LoopResult(NamedTuple):
+    aurocs: dict[Cell, float]  # every AUROC cell run_sweep reports for the keys given
+    seconds: dict[str, float]  # wall time of each part (LABEL_SETS): fitting and scoring held-out rows
+
+
+def _fit_direction(method: str, Xtr: np.ndarray, ytr: np.ndarray, gtr: np.ndarray, cs: tuple[float, ...],
+                   inner_folds: int, inner_seed: int) -> np.ndarray:
+    """One method's (unnormalised) direction fitted with numpy / scikit-learn on one training set."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.linear_model import LogisticRegressionCV
+
+    if method == "diff_means":
+        return Xtr[ytr == 1].mean(0) - Xtr[ytr == 0].mean(0)
+    if method == "lda":
+        return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(Xtr, ytr).coef_[0]
+    if method == "logreg":  # inner CV grouped by query on the training rows; C relative to the rows' scale
+        ifid = fold_ids(gtr, inner_folds, inner_seed)
+        cv = [(np.flatnonzero(ifid != g), np.flatnonzero(ifid == g)) for g in range(inner_folds)]
+        s2 = float(((Xtr - Xtr.mean(0)) ** 2).sum(1).mean())
+        lr = LogisticRegressionCV(Cs=[c / s2 for c in cs], cv=cv, scoring="neg_log_loss", l1_ratios=(0.0,),
+                                  use_legacy_attributes=False, max_iter=1000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lr.fit(Xtr, ytr).coef_[0]
+    raise BadInput(f"sklearn_loop: unknown method {method!r}")
+
+
+def _held_out_scores(w: np.ndarray, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray) -> np.ndarray:
+    """run_sweep's scoring rule: unit direction oriented so class 1 projects higher on the training rows,
+    minus the midpoint of the training class means."""
+    u = w / np.linalg.norm(w)
+    p = Xtr @ u
+    m1, m0 = p[ytr == 1].mean(), p[ytr == 0].mean()
+    sign = 1.0 if m1 >= m0 else -1.0
+    return sign * (Xte @ u - 0.5 * (m1 + m0))
+
+
 def sklearn_loop(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                  families: np.ndarray, folds: int, seed: int, *,
                  methods: tuple[str, ...] = ("diff_means", "logreg", "lda"),
                  cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3,
-                 swapped_family: str = "swapped_tier") -> dict[tuple[Key, str], float]:
-    """The straightforward reference: for each key, each outer fold, each method, fit on the main
-    families' training rows with numpy / scikit-learn and score the held-out rows; pooled AUROC.
-    Same outer folds, inner CV folds and relative C grid as `run_sweep`.
-    Returns {(key, method): held-out AUROC on the main families}."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.linear_model import LogisticRegressionCV
+                 swapped_family: str = "swapped_tier") -> LoopResult:
+    """The straightforward reference for `run_sweep(..., n_boot=0)`'s AUROCs, one fit at a time with numpy /
+    scikit-learn. For each key, each label set, each outer fold and each method, fit on the label set's
+    training rows of the fold and score every held-out row. Label sets, as in run_sweep:
+    - main: the main families (all but `swapped_family`) with the true labels;
+    - shuffled: the main families with labels permuted across the main rows (run_sweep's permutation);
+    - families: each cue family alone (none with a single family; a family whose rows are the main rows
+      reuses the main fit);
+    - random: a fixed seeded random unit direction per width, oriented per fold on the main training rows.
+    Same outer folds, inner CV folds and relative C grid as run_sweep. AUROCs are pooled over the held-out
+    scores: main on the main rows, shuffled on the main rows against the shuffled labels, random on the
+    main rows, main -> swapped family, and train family -> test family for every pair of families.
+    """
+    from sklearn.metrics import roc_auc_score
 
-    from afprobe.probes.metrics import auroc
-    from afprobe.probes.sweep import main_family_mask
-
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    main = main_family_mask(np.asarray(families), swapped_family)
+    labels, groups, families = np.asarray(labels), np.asarray(groups).astype(str), np.asarray(families).astype(str)
+    main = main_family_mask(families, swapped_family)
+    fams = list(dict.fromkeys(families.tolist()))
+    swapped = swapped_family if swapped_family in fams and not main.all() else None
     fid = fold_ids(groups, folds, seed)
-    out: dict[tuple[Key, str], float] = {}
+    y_shuf = labels.copy()
+    y_shuf[main] = np.random.default_rng(derive_seed(seed, 2)).permutation(labels[main])
+    # label set -> (training rows, labels, timed part); families alone only if they differ from the main set
+    sets = {"main": (main, labels, "main"), "shuffled": (main, y_shuf, "shuffled")}
+    if len(fams) > 1:
+        sets.update({f"family {a}": (families == a, labels, "families") for a in fams
+                     if not np.array_equal(families == a, main)})
+
+    def auc(scores: np.ndarray, rows: np.ndarray, y: np.ndarray = labels) -> float:
+        return float(roc_auc_score(y[rows], scores[rows]))
+
+    seconds = dict.fromkeys(LABEL_SETS, 0.0)
+    out: dict[Cell, float] = {}
     for key, feats in features.items():
         X = np.asarray(feats, dtype=np.float64)
-        oof = {m: np.zeros(len(labels)) for m in methods}
+        oof = {}  # (label set, method) -> [n] held-out scores
+        for name, (rows, y, part) in sets.items():
+            t0 = time.perf_counter()
+            for m in methods:
+                oof[name, m] = np.zeros(len(labels))
+            for f in range(folds):
+                tr, te = np.flatnonzero(rows & (fid != f)), np.flatnonzero(fid == f)
+                for m in methods:
+                    w = _fit_direction(m, X[tr], y[tr], groups[tr], cs, inner_folds, inner_fold_seed(seed, f))
+                    oof[name, m][te] = _held_out_scores(w, X[tr], y[tr], X[te])
+            seconds[part] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        g = np.random.default_rng(derive_seed(seed, 3, X.shape[1])).normal(size=X.shape[1])
+        rnd = np.zeros(len(labels))
         for f in range(folds):
-            tr, te = np.flatnonzero(main & (fid != f)), np.flatnonzero(main & (fid == f))
-            Xtr, ytr = X[tr], labels[tr]
-            coef = {}
-            if "diff_means" in methods:
-                coef["diff_means"] = Xtr[ytr == 1].mean(0) - Xtr[ytr == 0].mean(0)
-            if "lda" in methods:
-                coef["lda"] = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(Xtr, ytr).coef_[0]
-            if "logreg" in methods:
-                ifid = fold_ids(groups[tr], inner_folds, inner_fold_seed(seed, f))
-                cv = [(np.flatnonzero(ifid != g), np.flatnonzero(ifid == g)) for g in range(inner_folds)]
-                s2 = float(((Xtr - Xtr.mean(0)) ** 2).sum(1).mean())
-                lr = LogisticRegressionCV(Cs=[c / s2 for c in cs], cv=cv, scoring="neg_log_loss",
-                                          l1_ratios=(0.0,), use_legacy_attributes=False, max_iter=1000)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    coef["logreg"] = lr.fit(Xtr, ytr).coef_[0]
-            for m, w in coef.items():  # same scoring rule as run_sweep: unit direction minus midpoint
-                u = w / np.linalg.norm(w)
-                p = Xtr @ u
-                m1, m0 = p[ytr == 1].mean(), p[ytr == 0].mean()
-                oof[m][te] = np.sign(m1 - m0) * (X[te] @ u - 0.5 * (m1 + m0))
+            tr, te = np.flatnonzero(main & (fid != f)), np.flatnonzero(fid == f)
+            rnd[te] = _held_out_scores(g / np.linalg.norm(g), X[tr], labels[tr], X[te])
+        seconds["random"] += time.perf_counter() - t0
         for m in methods:
-            out[(key, m)] = float(auroc(oof[m][main], labels[main]))
+            out[key, m, ALL, ALL, "auroc"] = auc(oof["main", m], main)
+            out[key, m, ALL, ALL, "shuffled_auroc"] = auc(oof["shuffled", m], main, y_shuf)
+            out[key, m, ALL, ALL, "random_auroc"] = auc(rnd, main)
+            if swapped is not None:
+                out[key, m, ALL, swapped, "auroc"] = auc(oof["main", m], families == swapped)
+            for a in fams:
+                src = f"family {a}" if f"family {a}" in sets else "main"
+                for b in fams:
+                    out[key, m, a, b, "auroc"] = auc(oof[src, m], families == b)
+    return LoopResult(out, seconds)
+
+
+def sweep_cells(rows: list[dict]) -> dict[Cell, float]:
+    """The AUROC cells of run_sweep's rows, keyed like `sklearn_loop`'s (shuffled and random: main rows only)."""
+    out: dict[Cell, float] = {}
+    for r in rows:
+        base = ((r["layer"], r["site"], r["position"]), r["method"], r["train_family"], r["test_family"])
+        out[(*base, "auroc")] = r["auroc"]
+        if r["train_family"] == ALL and r["test_family"] == ALL:
+            out[(*base, "shuffled_auroc")] = r["shuffled_auroc"]
+            out[(*base, "random_auroc")] = r["random_auroc"]
+    return out
+
+
+def cell_kind(cell: Cell) -> str:
+    """main | shuffled | random (main rows), swapped (main -> swapped family), family (family -> family)."""
+    _, _, train, test, fld = cell
+    if fld != "auroc":
+        return fld.removesuffix("_auroc")
+    return "family" if train != ALL else ("main" if test == ALL else "swapped")
+
+
+def auroc_diffs(ref: dict[Cell, float], rows: list[dict]) -> dict[Cell, float]:
+    """|sweep - loop| for every cell; the sweep's cells on the loop's keys must be exactly the loop's."""
+    keys = {c[0] for c in ref}
+    mine = {c: v for c, v in sweep_cells(rows).items() if c[0] in keys}
+    if set(mine) != set(ref):
+        raise ValueError(f"sweep and loop cells differ: {sorted(set(mine) ^ set(ref))[:5]}")
+    return {c: abs(mine[c] - v) for c, v in ref.items()}
+
+
+def diff_summary(diffs: dict[Cell, float]) -> dict[str, dict]:
+    """Counts and largest AUROC differences by kind of cell (see cell_kind):
+    {"per_kind": {kind: {"n", "max"}}, "per_method": {method: {kind: {"n", "max"}}}}."""
+    out: dict[str, dict] = {"per_kind": {}, "per_method": {}}
+    for c, d in diffs.items():
+        kind = cell_kind(c)
+        for s in (out["per_kind"].setdefault(kind, {"n": 0, "max": 0.0}),
+                  out["per_method"].setdefault(c[1], {}).setdefault(kind, {"n": 0, "max": 0.0})):
+            s["n"] += 1
+            s["max"] = max(s["max"], d)
     return out
 
 
 def bench_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                 families: np.ndarray, folds: int = 5, seed: int = 0, *,
                 baseline_threads: int | None = 1) -> dict:
-    """Time `run_sweep` against `sklearn_loop` on the same data and folds.
+    """Time `run_sweep(..., n_boot=0)` against `sklearn_loop` on the same data and folds.
 
-    Timed for the sweep: the whole `run_sweep(..., n_boot=0)` call, which besides the held-out AUROC of
-    every key x method also runs the shuffled-label control (a second full pipeline), the
-    random-direction control, the generalisation matrix, the swapped-family scores and the final
-    refits; the sklearn loop does only the held-out AUROCs, so the ratio is conservative. The
-    bootstrap is left out of both. run_sweep is single-threaded; the loop's BLAS gets
-    `baseline_threads` threads (1 = like for like; None = library default, which on a busy machine
-    can be many times slower).
-    Returns {"sweep_s", "sklearn_loop_s", "sweep_speedup", "max_auroc_diff"}; max_auroc_diff is the
-    largest |AUROC difference| over every key x method on the main families.
+    Both compute the same AUROCs (main, shuffled-label and random controls, swapped family, generalisation
+    matrix); the sweep also refits the final directions, so the ratio is conservative. run_sweep is
+    single-threaded; the loop's BLAS gets `baseline_threads` threads (1 = like for like; None = library
+    default, which on a busy machine can be many times slower).
+    Returns {"sweep_s", "sklearn_loop_s", "sweep_speedup", "max_auroc_diff"}; max_auroc_diff is the largest
+    |AUROC difference| over every cell (key x method x row x field).
     """
+    import sklearn.discriminant_analysis  # noqa: F401  (imported before the thread limit: scikit-learn loads
+    import sklearn.linear_model  # noqa: F401  SciPy's own BLAS, which must be limited too)
     from threadpoolctl import threadpool_limits
-
-    from afprobe.probes.sweep import run_sweep
 
     t0 = time.perf_counter()
     res = run_sweep(features, labels, groups, families, folds=folds, n_boot=0, seed=seed)
@@ -148,8 +250,6 @@ def bench_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.
     with threadpool_limits(limits=baseline_threads):
         ref = sklearn_loop(features, labels, groups, families, folds, seed)
     t2 = time.perf_counter()
-    mine = {((r["layer"], r["site"], r["position"]), r["method"]): r["auroc"] for r in res.rows
-            if r["train_family"] == "all" and r["test_family"] == "all"}
-    diff = max(abs(mine[k] - v) for k, v in ref.items())
+    diff = max(auroc_diffs(ref.aurocs, res.rows).values())
     return {"sweep_s": t1 - t0, "sklearn_loop_s": t2 - t1, "sweep_speedup": (t2 - t1) / (t1 - t0),
             "max_auroc_diff": float(diff)}

@@ -259,8 +259,10 @@ def test_direction_bad_files(tmp_path):
 # ----------------------------------------------------------------------------------------- bench
 
 
-def test_bench_sweep_agrees_with_sklearn():
-    data = synthetic_features(20, 2, 12, 1, seed=4, positions=("last",), signal=1.0)
+@pytest.mark.parametrize("families", [("tier",), ("tier_tag", "explicit", "swapped_tier")])
+def test_bench_sweep_agrees_with_sklearn(families):
+    data = synthetic_features(20, 2, 12, 1, seed=4, positions=("last",), signal=1.0, families=families,
+                              flipped=("swapped_tier",))
     out = bench_sweep(data.features, data.labels, data.groups, data.families, folds=3, seed=0)
     assert set(out) == {"sweep_s", "sklearn_loop_s", "sweep_speedup", "max_auroc_diff"}
     assert out["max_auroc_diff"] <= 0.01
