@@ -8,7 +8,7 @@ separately, and the two softmaxes are merged by their log-sum-exp. Equal to sdpa
 (tested against a plain HF forward).
 
 `PrefixLayer` (activations/kv.py) hands its own keys to this function, tagged with the prefix, only
-while `split_prefix_attention(model)` is active; any other attention code gets the joined keys.
+while `split_prefix(model)` is active; any other attention code gets the joined keys.
 """
 from __future__ import annotations
 

@@ -42,10 +42,12 @@ class PrefixLayer(DynamicLayer):
             return own
         return torch.cat([self.prefix[i].expand(own.shape[0], -1, -1, -1), own], dim=-2)
 
-    keys = property(lambda self: self._joined(self.own[0], 0) if hasattr(self, "_k") else None,
-                    lambda self, value: None)  # set only by the base class's __init__
-    values = property(lambda self: self._joined(self.own[1], 1) if hasattr(self, "_v") else None,
-                      lambda self, value: None)
+    def _refuse_assignment(self, value: Optional[torch.Tensor]) -> None:
+        if value is not None:  # the base class's __init__ assigns None; HF's crop/beam reshuffles assign tensors
+            raise NotImplementedError("PrefixLayer does not support cropping or reordering; use derived()")
+
+    keys = property(lambda self: self._joined(self.own[0], 0) if hasattr(self, "_k") else None, _refuse_assignment)
+    values = property(lambda self: self._joined(self.own[1], 1) if hasattr(self, "_v") else None, _refuse_assignment)
 
     @property
     def own(self) -> KV:
