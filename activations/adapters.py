@@ -15,12 +15,19 @@ class FamilyAdapter:
 
     `layers`: the list of decoder blocks. resid_pre = block input, resid_post = block output,
     resid_mid = input of `mid_module` (the norm before the MLP), `attn`/`mlp` the sublayers.
+    `attn_out`: the module whose output (first element if a tuple) is added to the residual stream
+    after attention: steering at resid_mid adds there, so the MLP and the skip connection both see it.
     """
 
     layers: str
     mid_module: str
     attn: str
     mlp: str
+    attn_out: str = ""
+
+    @property
+    def attn_out_module(self) -> str:
+        return self.attn_out or self.attn
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return reduce(getattr, self.layers.split("."), model)
@@ -33,7 +40,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": FamilyAdapter("model.layers", "pre_feedforward_layernorm", "self_attn", "mlp"),
+    "gemma2": FamilyAdapter("model.layers", "pre_feedforward_layernorm", "self_attn", "mlp", "post_attention_layernorm"),
     "phi3": _LLAMA_LIKE,
     "gpt2": FamilyAdapter("transformer.h", "ln_2", "attn", "mlp"),
 }

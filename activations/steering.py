@@ -1,8 +1,8 @@
 """Steered generation and teacher-forced log-odds over prompts, batched with shared-prefix reuse.
 
-A `SteeringSpec` says what to do to the residual stream: add `alpha * separation * unit` after the
-given layers (from the user turn on, or at all positions), or project `unit` out everywhere
-(ablation). Prefix reuse is decided here: it stays on only when the edit leaves the prefix untouched.
+A `SteeringSpec` says what to do to the residual stream: add `alpha * separation * unit` at the
+direction's site (resid_pre / resid_mid / resid_post) of the given layers (from the user turn on, or at
+all positions), or project `unit` out everywhere (ablation). Prefix reuse is decided here: it stays on only when the edit leaves the prefix untouched.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class SteeringSpec:
     alpha: float = 0.0
     mode: Literal["same", "cross"] = "same"
     positions: Literal["user", "all"] = "user"
+    site: str = "resid_post"  # where the direction was learned, and so where it is added
+    replicate: int = 0  # which random direction, for the random control
 
     @property
     def ablate(self) -> bool:
@@ -62,7 +64,8 @@ class SteeringSpec:
             for r, row in enumerate(batch.rows):
                 mask[r, max(0, batch.column(r, prompts[row].user_span[0])):] = 1.0
         device = batch.inputs.input_ids.device
-        return ResidualEdit(layers=self.layers, add=add.to(device), add_mask=None if mask is None else mask.to(device))
+        return ResidualEdit(layers=self.layers, add=add.to(device), add_mask=None if mask is None else mask.to(device),
+                            site=self.site)
 
 
 def random_orthogonal(unit: torch.Tensor, seed: int) -> torch.Tensor:
@@ -210,4 +213,4 @@ def _continuation_edit(edit: Optional[ResidualEdit], repeat: int) -> Optional[Re
     if edit is None:
         return None
     add = None if edit.add is None else edit.add.repeat_interleave(repeat, 0)
-    return ResidualEdit(layers=edit.layers, add=add, add_mask=None, ablate=edit.ablate)
+    return ResidualEdit(layers=edit.layers, add=add, add_mask=None, ablate=edit.ablate, site=edit.site)

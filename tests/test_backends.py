@@ -118,3 +118,41 @@ def test_edit_is_scoped(tiny_model, smol_tokenizer):
     after, _ = backend.logits(batch.inputs)
     assert (steered - before).abs().max() > 1e-2
     assert torch.equal(before, after)
+
+
+def _hf_logits_with_addition(model, inputs, layer: int, site: str, vector: torch.Tensor) -> torch.Tensor:
+    """Plain HF forward with a hook adding `vector` at `site` of block `layer` (the reference geometry)."""
+    from afprobe.activations.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[layer]
+    if site == "resid_pre":
+        handle = block.register_forward_pre_hook(
+            lambda m, args, kwargs: ((args[0] + vector, *args[1:]), kwargs) if args
+            else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] + vector}), with_kwargs=True)
+    elif site == "resid_mid":
+        handle = getattr(block, adapter.attn_out_module).register_forward_hook(
+            lambda m, a, out: (out[0] + vector, *out[1:]) if isinstance(out, tuple) else out + vector)
+    else:
+        handle = block.register_forward_hook(lambda m, a, out: out + vector)
+    try:
+        with torch.inference_mode():
+            return model(**{k: v for k, v in inputs.forward_kwargs().items()}).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend_name", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post"])
+def test_addition_lands_at_the_direction_site(tiny_model, smol_tokenizer, backend_name, site):
+    """A direction learned at resid_pre / resid_mid / resid_post of block L is added there: the block's input,
+    the attention output (so the MLP and the skip both see it), the block's output; equal to plain HF hooks."""
+    seq = _prompts(smol_tokenizer, 1)[0]
+    batch = make_batch([0], [seq], 2, 0, None, tiny_model.device)
+    vector = torch.linspace(-3.0, 3.0, tiny_model.config.hidden_size)
+    expected = _hf_logits_with_addition(tiny_model, batch.inputs, 2, site, vector)
+    backend = make_backend(backend_name, tiny_model, smol_tokenizer)
+    ours, _ = backend.logits(batch.inputs, ResidualEdit(layers=(2,), add=vector[None], site=site))
+    plain, _ = backend.logits(batch.inputs)
+    assert (expected - plain).abs().max() > 1e-2  # the addition matters
+    assert (ours - expected).abs().max() < 1e-4

@@ -47,7 +47,10 @@ class ModelInputs:
 class ResidualEdit:
     """Steering or ablation applied during a forward or a whole generation.
 
-    add:       [b, d] vector added to the residual stream after each block in `layers`
+    add:       [b, d] vector added to the residual stream at `site` of each block in `layers`
+               (resid_pre: the block's input; resid_mid: after attention, i.e. added to the
+               attention output, so the MLP and the skip connection both see it; resid_post: the
+               block's output)
     add_mask:  [b, t] 1 where the prompt pass adds (e.g. from the user turn on); tokens
                generated afterwards are always steered
     ablate:    [d] unit direction projected out of every block input and every attention
@@ -58,6 +61,11 @@ class ResidualEdit:
     add: Optional[torch.Tensor] = None
     add_mask: Optional[torch.Tensor] = None
     ablate: Optional[torch.Tensor] = None
+    site: str = "resid_post"
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"unknown residual site {self.site!r} (known: {', '.join(SITES)})")
 
     def prompt_delta(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, t, d] addition for a forward over `hidden` ([b, t, d]): masked on the prompt pass."""

@@ -14,19 +14,35 @@ from afprobe.activations.backends.base import (
 )
 
 
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_first(output: Any, value: Any) -> Any:
+    return (value,) + tuple(output[1:]) if isinstance(output, tuple) else value
+
+
 def _apply_edit(lm: Any, blocks: Any, adapter: Any, edit: ResidualEdit) -> None:
-    """Apply `edit` to the traced forward (inside a trace or a generation step)."""
+    """Apply `edit` to the traced forward (inside a trace or a generation step), in module order."""
     add_layers = set(edit.layers) if edit.add is not None else set()
     top = max(add_layers) if edit.ablate is None else len(blocks) - 1
     for i in range(top + 1):
         block = blocks[i]
+        adding = i in add_layers
         if edit.ablate is not None:
             block.input = project_out(block.input, edit.ablate)
+        if adding and edit.site == "resid_pre":
+            block.input = block.input + edit.prompt_delta(block.input)
+        if edit.ablate is not None:
             attn = getattr(block, adapter.attn)
-            attn.output = (project_out(attn.output[0], edit.ablate),) + tuple(attn.output[1:])
+            attn.output = _with_first(attn.output, project_out(_first(attn.output), edit.ablate))
+        if adding and edit.site == "resid_mid":
+            out = getattr(block, adapter.attn_out_module)
+            out.output = _with_first(out.output, _first(out.output) + edit.prompt_delta(_first(out.output)))
+        if edit.ablate is not None:
             mlp = getattr(block, adapter.mlp)
             mlp.output = project_out(mlp.output, edit.ablate)
-        if i in add_layers:
+        if adding and edit.site == "resid_post":
             hidden = block.output
             block.output = hidden + edit.prompt_delta(hidden)
 

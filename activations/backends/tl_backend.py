@@ -16,6 +16,9 @@ from afprobe.activations.backends.base import (
 )
 
 _HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post"}
+# Where an addition at each site goes. The bridge's hook_resid_mid is the input of the norm before the
+# MLP: editing it would bypass the skip connection, so resid_mid additions go to the attention output.
+_ADD_HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_attn_out", "resid_post": "hook_resid_post"}
 
 
 class _StopForward(Exception):
@@ -55,7 +58,7 @@ class TransformerLensBackend(Backend):
                           (f"blocks.{i}.hook_mlp_out", ablate)]
         if edit.add is not None:
             for layer in edit.layers:
-                hooks.append((f"blocks.{layer}.hook_resid_post", lambda t, hook: t + edit.prompt_delta(t)))
+                hooks.append((f"blocks.{layer}.{_ADD_HOOK[edit.site]}", lambda t, hook: t + edit.prompt_delta(t)))
         return hooks
 
     def read(self, inputs: ModelInputs, sites: list[SiteKey], weights: torch.Tensor) -> dict[SiteKey, torch.Tensor]:
