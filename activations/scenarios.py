@@ -64,7 +64,8 @@ class CueFamily:
     training: str
     deployment: str
     where: str  # "system" | "user"
-    swapped: bool = False
+    swapped: bool = False  # the built-in tier roles are swapped in the system prompt
+    control: Optional[str] = None  # "swapped": a swapped-semantics control (kept out of probe training)
 
     def cue(self, condition: str) -> str:
         return self.training if condition == "training" else self.deployment
@@ -95,10 +96,16 @@ def resolve_family(name: str, variant: str, custom: dict[str, CueFamilyConfig]) 
         training, deployment = fam.training.strip(), fam.deployment.strip()
         if not training or not deployment or training == deployment:
             raise BadInput(f"cue family '{name}': training and deployment texts must be non-empty and different")
-        return CueFamily(name, training, deployment, fam.where)
-    swapped = name == "swapped_tier"
+        return CueFamily(name, training, deployment, fam.where, control=fam.control)
+    swapped = name in st.SWAPPED_FAMILIES
     training, deployment = st.builtin_cues(name, st.tiers_for(variant, swapped))
-    return CueFamily(name, training, deployment, "user", swapped)
+    return CueFamily(name, training, deployment, "user", swapped, control="swapped" if swapped else None)
+
+
+def control_families(scenario: ScenarioConfig, custom: Optional[dict[str, CueFamilyConfig]] = None) -> list[str]:
+    """The configured families that are controls by definition (e.g. swapped semantics), never by name."""
+    return [name for name in scenario.cue_families
+            if resolve_family(name, scenario.variant, custom or {}).control is not None]
 
 
 def check_scenario(scenario: ScenarioConfig, custom: dict[str, CueFamilyConfig]) -> None:

@@ -29,6 +29,12 @@ class ModelConfig(_Strict):
     device: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # None: the whole model on `device`; "auto" | "balanced" | "sequential" | {module name: device} through
+    # accelerate (layers on several GPUs, or offloaded to CPU / disk)
+    device_map: Optional[Union[Literal["auto", "balanced", "sequential"], dict[str, Union[int, str]]]] = None
+    max_memory: Optional[dict[Union[int, str], str]] = None  # per device, e.g. {0: "70GiB", cpu: "200GiB"}
+    remote: Literal["none", "ndif", "local"] = "none"  # ndif: run on NDIF; local: the same remote path, locally
+    adapter: Optional[str] = None  # a PEFT LoRA adapter (folder or hub id from the local cache)
 
 
 class CueFamilyConfig(_Strict):
@@ -38,6 +44,9 @@ class CueFamilyConfig(_Strict):
     deployment: str
     where: Literal["system", "user"] = "user"
     description: str = ""
+    # "swapped": a control whose cue tokens and meaning come apart (labels follow the meaning); it is kept out
+    # of probe training and reported as the swapped-semantics control
+    control: Optional[Literal["swapped"]] = None
 
 
 class ScenarioConfig(_Strict):
@@ -74,8 +83,15 @@ class ProbesConfig(_Strict):
     folds: int = Field(default=5, ge=2)
     bootstrap: int = Field(default=1000, ge=10)
     ci: float = Field(default=0.95, gt=0, lt=1)
-    best_positions: Optional[list[Position]] = None  # positions eligible as "best" (None: all cached)
+    # Cells eligible as "best" (the headline, and the default steering direction). Cue-token positions separate
+    # the cues by token identity even at layer 0, so by default only the last prompt token, from layer 1 on.
+    best_positions: list[Position] = Field(default_factory=lambda: ["last"])
     best_methods: Optional[list[Method]] = None  # methods eligible as "best", i.e. to steer along (None: all)
+    min_best_layer: int = Field(default=1, ge=0)
+    selection: Literal["nested", "heldout_split"] = "nested"  # how the best cell's AUROC avoids selection bias
+    selection_folds: int = Field(default=3, ge=2)  # inner folds choosing the cell inside each outer fold
+    permutations: int = Field(default=200, ge=1)  # within-pair label permutations (max-statistic test, controls)
+    random_directions: int = Field(default=100, ge=1)  # random-direction baseline at the best cell
 
     @model_validator(mode="after")
     def _best_among_methods(self) -> "ProbesConfig":
@@ -91,7 +107,11 @@ class SteeringConfig(_Strict):
     positions: Literal["user", "all"] = "user"
     mode: Literal["same", "cross", "both"] = "same"  # both: the same and the cross sweep
     controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
-    control_alphas: Optional[list[float]] = None  # alphas for the random control (None: every alpha)
+    control_alphas: Optional[list[float]] = None  # alphas for the random control (None: every alpha; added if missing)
+    n_random: int = Field(default=3, ge=1)  # random directions orthogonal to the probe direction
+    # heldout: the direction (and the best layer) is fitted on queries disjoint from the reported ones;
+    # auto: heldout when the cache has enough queries (see `pipeline.steering_split`), else in_sample
+    selection: Literal["auto", "heldout", "in_sample"] = "auto"
     max_new_tokens: int = Field(default=8, ge=1)
     n_queries: Optional[int] = Field(default=None, ge=1)
     do_sample: bool = False
@@ -171,6 +191,13 @@ class Config(_Strict):
     organism: OrganismConfig = Field(default_factory=OrganismConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
+    @model_validator(mode="after")
+    def _scorer_fits_form(self) -> "Config":
+        if self.steering.scorer == "logodds" and self.scenario.form == "scratchpad":
+            raise ValueError("steering.scorer 'logodds' scores the answer tag where the answer starts, but in "
+                             "scratchpad form generated reasoning comes first; use scorer 'tag'")
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named top-level sections (all when none given)."""
         data = self.model_dump(mode="json")
@@ -197,7 +224,10 @@ def _format_error(err: ValidationError) -> str:
         close = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"unknown config key '{path}'{hint}"
-    return f"config key '{path}': {first['msg']} (got {first.get('input')!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    if not path or isinstance(first.get("input"), dict):
+        return f"config{' section ' + repr(path) if path else ''}: {message}"
+    return f"config key '{path}': {message} (got {first.get('input')!r})"
 
 
 def parse_override(item: str) -> tuple[str, Any]:
