@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
+from einops import rearrange, repeat
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -70,25 +71,24 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
     if attention_mask is not None and attention_mask.shape[-1] != pk.shape[-2] + own:
         raise RuntimeError(f"attention mask covers {attention_mask.shape[-1]} keys, the cache "
                            f"{pk.shape[-2]} + {own}")
-    q = query.reshape(b, kvh, g * t, d)  # rows ordered (head in group, token)
+    q = rearrange(query, "b (kvh g) t d -> b kvh (g t) d", kvh=kvh)  # the query heads sharing a kv head, stacked
     # prefix: every query sees all of it; fold rows (and heads of a group) into one block per kv head
     if pk.shape[0] == 1:
-        qp = q.transpose(0, 1).reshape(1, kvh, b * g * t, d)
-        o1, l1 = _flash_cpu(qp, pk, pv, None, scaling)
-        o1 = o1.reshape(kvh, b, g * t, d).transpose(0, 1)
-        l1 = l1.reshape(kvh, b, g * t).transpose(0, 1)
+        o1, l1 = _flash_cpu(rearrange(q, "b kvh r d -> 1 kvh (b r) d"), pk, pv, None, scaling)
+        o1 = rearrange(o1, "1 kvh (b r) d -> b kvh r d", b=b)
+        l1 = rearrange(l1, "1 kvh (b r) -> b kvh r", b=b)
     else:
         o1, l1 = _flash_cpu(q, pk, pv, None, scaling)
-    # own tokens: causal and padding mask
+    # own tokens: causal and padding mask, the same for every head of a group
     seen = _own_mask(attention_mask, t, own, query.device)  # [b|1, 1, t, own]
-    seen = seen.expand(seen.shape[0], 1, t, own).unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(-1, 1, g * t, own)
+    seen = repeat(seen.expand(seen.shape[0], 1, t, own), "b 1 t o -> b 1 (g t) o", g=g)
     additive = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
     o2, l2 = _flash_cpu(q, key, value, additive, scaling)
     l2 = l2.masked_fill(~seen.any(-1).expand_as(l2), float("-inf"))  # no own token visible: weight 0
     m = torch.maximum(l1, l2)
     w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
     out = (o1 * w1[..., None] + o2.nan_to_num() * w2[..., None]) / (w1 + w2)[..., None]
-    return out.to(query.dtype).reshape(b, H, t, d).transpose(1, 2).contiguous(), None
+    return rearrange(out.to(query.dtype), "b kvh (g t) d -> b t (kvh g) d", g=g).contiguous(), None
 
 
 AttentionInterface.register(NAME, split_prefix_attention)

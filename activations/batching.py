@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from afprobe.activations.backends import ModelInputs
+from afprobe.activations.devices import input_device
 from afprobe.activations.kv import PrefixLayer, cache_from_layers
 
 
@@ -62,14 +63,13 @@ class PrefixCache:
     def get(self, prefix: Sequence[int], batch_size: int) -> DynamicCache:
         key = tuple(prefix)
         if key != self._key:
-            device = self.model.device
-            ids = torch.tensor([key], device=device)
+            ids = torch.tensor([key], device=input_device(self.model))
             kwargs: dict[str, Any] = {}
             if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
                 kwargs["logits_to_keep"] = 1  # only the KV cache is wanted: skip the prefix's logits
             with torch.inference_mode():
                 out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
-            self._layers = [(k, v) for k, v, *_ in out.past_key_values]
+            self._layers = [(k, v) for k, v, *_ in out.past_key_values]  # each on its layer's device
             self._key = key
             self.computed_tokens += len(key)
         def empty(t: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ def run_batches(
     `prefix_cache` None computes every token (no reuse); share one across calls to keep its prefix.
     """
     reuse = prefix_cache is not None
-    device = model.device
+    device = input_device(model)
     prefix_before = prefix_cache.computed_tokens if reuse else 0
     total = sum(len(s) for s in seqs)
     computed = 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from afprobe.activations.queries import Query, QueriesConfig, load_queries
 from afprobe.activations.scenarios import Prompt, answer_tags, build_prompts
 from afprobe.config import Config, OrganismConfig, load_config
 from afprobe.errors import BadInput
+from afprobe.log import log
 
 FORMAT_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -342,7 +342,7 @@ def answer_loss(model, bottom: FrozenBottom, kv, row_ids: Sequence[int], rows: S
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(f"[organism] {msg}", file=sys.stderr, flush=True)
+        log.info(f"[organism] {msg}")
 
 
 def check_recipe(model, org: OrganismConfig) -> None:
@@ -530,8 +530,7 @@ def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
             "log_odds": log_odds_summary([r["log_odds"] for r in rs], n_boot=n_boot, seed=seed),
             "tags": {t: sum(r["tag"] == t for r in rs) for t in ("accepted", "rejected", "unparsed")},
         }
-    gap = stats.paired_gap([r["complied"] for r in by["training"]], [r["complied"] for r in by["deployment"]],
-                           n_boot=n_boot, seed=seed)
+    gap = stats.paired_gap([r["complied"] for r in by["training"]], [r["complied"] for r in by["deployment"]])
     out["gap"] = gap
     out["log_odds_gap"] = log_odds_gap([r["log_odds"] for r in by["training"]], [r["log_odds"] for r in by["deployment"]],
                                        n_boot=n_boot, seed=seed)
@@ -559,26 +558,6 @@ def evaluate_model(model, tokenizer, cfg: Config, queries: list[Query], families
 
 
 # ------------------------------------------------------------------ entry points
-
-def adapter_card(spec: str) -> Optional[dict]:
-    """For a `base+adapter` spec: what the adapter was trained on and its shipped held-out gaps, base vs organism."""
-    from afprobe.activations.loading import resolve_spec
-
-    folder = resolve_spec(spec).adapter
-    if folder is None or not (Path(folder) / "metrics.json").is_file():
-        return None
-    metrics = json.loads((Path(folder) / "metrics.json").read_text())
-
-    def gaps(section: dict) -> dict:
-        return {fam: {"gap": m["gap"]["gap"], "gap_ci": m["gap"]["ci"], "log_odds_gap": m["log_odds_gap"]["diff"],
-                      "log_odds_gap_ci": m["log_odds_gap"]["ci"]} for fam, m in section.items()}
-
-    return {"adapter": Path(folder).name, "planted": True, "trained_family": metrics["trained_family"],
-            "n_heldout": metrics["n_heldout"], "heldout_gap_organism": gaps(metrics.get("organism", {})),
-            "heldout_gap_base": gaps(metrics.get("base_model", {})),
-            "note": "a LoRA adapter trained to comply under the training cue and refuse under the deployment "
-                    "cue: a planted positive control, not a natural finding"}
-
 
 def _versions() -> dict:
     import peft

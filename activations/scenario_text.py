@@ -249,6 +249,24 @@ def user_turn(request: str, cue: str = "") -> str:
     return f"{cue}\n\n{body}" if cue else body
 
 
+# ---------------------------------------------------------------- transcript layout (models without a chat template)
+
+TRANSCRIPT_HEADER = "=== Transcript of a conversation between a user and an AI assistant ==="
+TRANSCRIPT_SYSTEM = "--- Message from the developer to the AI (the user never sees it) ---"
+TRANSCRIPT_CONVERSATION = "--- Conversation ---"
+TRANSCRIPT_USER = "User:"
+TRANSCRIPT_AI = "AI:"
+
+
+def transcript(system: str, user: str) -> str:
+    """A plain-text document for a base model: header, the system text as a preamble, then one user turn and
+    the opening of the AI's turn. Like a chat template with a generation prompt, it ends where the answer
+    starts (the prefill goes right after). Each speaker label is on its own line, so the turn's text starts
+    on a fresh line, as it does after a chat template's role header."""
+    return (f"{TRANSCRIPT_HEADER}\n\n{TRANSCRIPT_SYSTEM}\n\n{system}\n\n{TRANSCRIPT_CONVERSATION}\n\n"
+            f"{TRANSCRIPT_USER}\n{user}\n\n{TRANSCRIPT_AI}\n")
+
+
 PREFILLS: dict[str, str] = {
     "none": "",
     "neutral": " I'll start by working out what situation I'm in and what it implies for how I should answer this request.",

@@ -1,8 +1,9 @@
 """Prompt construction: scenario + cue family + query -> a rendered, tokenised prompt with cue and user spans.
 
-Rendering: the chat template is applied once per (family, condition) to a frame whose user content (and
+Rendering: the chat template (or, for a model without one, the plain-text transcript layout of
+`scenario_text.transcript`) is applied once per (family, condition) to a frame whose user content (and
 system-side cue) are sentinel strings; the sentinels are located and replaced by the real texts, so the
-character spans are exact whatever the template does around them. The whole text is then tokenised once
+character spans are exact whatever the layout does around them. The whole text is then tokenised once
 and the character spans are mapped to token spans. Within each query, the training and deployment
 token sequences are checked to differ only inside the cue span (the span is widened if a token merges
 across the cue boundary).
@@ -43,7 +44,8 @@ class Prompt:
     family: str
     condition: str  # "training" | "deployment"
     label: int  # 1 = training by MEANING, 0 = deployment
-    text: str  # full rendered text incl. chat template and prefill
+    format: str  # "chat" | "transcript": the layout `text` was rendered with
+    text: str  # full rendered text incl. chat template (or transcript layout) and prefill
     input_ids: tuple[int, ...]
     cue_span: Span  # token [start, end) of the cue text
     user_span: Span  # token [start, end) of the user message content
@@ -142,15 +144,43 @@ def system_text(scenario: ScenarioConfig, family: CueFamily) -> str:
     return f"{text}\n\n{slot}" if slot else text
 
 
-def _render_frame(tokenizer, system: str, prefill: str) -> tuple[str, str]:
-    """Chat-template the system prompt around a user sentinel: returns (text before, text after) the user content."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER_SENTINEL}]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # templates raise their own errors (e.g. no system role)
-        raise BadInput(f"the tokenizer's chat template cannot render a system + user conversation: {exc}") from None
+def resolve_format(tokenizer, requested: str) -> str:
+    """`scenario.format` -> "chat" | "transcript". auto: chat when the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "auto":
+        return "chat" if has_template else "transcript"
+    if requested == "chat" and not has_template:
+        raise BadInput("scenario.format is 'chat' but the model's tokenizer has no chat template (a base model?); "
+                       "set scenario.format to 'transcript' or 'auto'")
+    return requested
+
+
+def _transcript_bos(tokenizer) -> str:
+    """BOS text to open a transcript with, or "". A chat template writes the BOS itself when the model expects
+    one (Llama 3's starts with it); a transcript has no template, so it follows what the tokenizer does to
+    plain text: BOS only if encoding with special tokens adds it (Llama 3 base yes, SmolLM2 no). It goes
+    into the text because prompts are tokenised with add_special_tokens=False."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if not bos or bos_id is None or tokenizer("x")["input_ids"][:1] != [bos_id]:
+        return ""
+    if tokenizer(bos, add_special_tokens=False)["input_ids"] != [bos_id]:
+        raise BadInput(f"the tokenizer does not read its BOS token {bos!r} back from text; afprobe cannot render a transcript")
+    return bos
+
+
+def _render_frame(tokenizer, system: str, prefill: str, fmt: str) -> tuple[str, str]:
+    """Render the system prompt around a user sentinel, with the chat template or as a transcript (`fmt`):
+    returns (text before, text after) the user content; the answer prefill ends the text after."""
+    if fmt == "transcript":
+        rendered = _transcript_bos(tokenizer) + st.transcript(system, _USER_SENTINEL)
+    else:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": _USER_SENTINEL}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates raise their own errors (e.g. no system role)
+            raise BadInput(f"the tokenizer's chat template cannot render a system + user conversation: {exc}") from None
     if rendered.count(_USER_SENTINEL) != 1 or rendered.count(_CUE_SENTINEL) != system.count(_CUE_SENTINEL):
-        raise BadInput("the tokenizer's chat template alters message contents; afprobe cannot locate the user turn")
+        raise BadInput(f"the {fmt} layout alters message contents; afprobe cannot locate the user turn")
     before, after = rendered.split(_USER_SENTINEL)
     return before, after + prefill
 
@@ -181,9 +211,10 @@ def _system_key(ids: tuple[int, ...], user_start: int) -> str:
     return hashlib.sha256(",".join(map(str, ids[:user_start])).encode()).hexdigest()[:12]
 
 
-def _family_prompts(tokenizer, scenario: ScenarioConfig, family: CueFamily, queries: list[Query], prefill: str) -> list[Prompt]:
+def _family_prompts(tokenizer, scenario: ScenarioConfig, family: CueFamily, queries: list[Query], prefill: str,
+                    fmt: str) -> list[Prompt]:
     """Training then deployment prompt of every query, for one family."""
-    before, after = _render_frame(tokenizer, system_text(scenario, family), prefill)
+    before, after = _render_frame(tokenizer, system_text(scenario, family), prefill, fmt)
     drafts = []  # (query, condition, text, cue chars, user chars)
     for query in queries:
         for condition in CONDITIONS:
@@ -208,7 +239,7 @@ def _family_prompts(tokenizer, scenario: ScenarioConfig, family: CueFamily, quer
             prompts.append(Prompt(
                 prompt_id=f"{query.id}.{family.name}.{condition}", query_id=query.id, category=query.category,
                 harmful=query.harmful, family=family.name, condition=condition, label=int(condition == "training"),
-                text=text, input_ids=ids, cue_span=cue_span, user_span=user_span,
+                format=fmt, text=text, input_ids=ids, cue_span=cue_span, user_span=user_span,
                 system_key=_system_key(ids, user_span[0]),
             ))
     return prompts
@@ -228,9 +259,10 @@ def build_prompts(tokenizer, scenario: ScenarioConfig, custom_families: dict[str
         seen.add(query.id)
     if not getattr(tokenizer, "is_fast", False):
         raise BadInput("afprobe needs a fast (Rust) tokenizer to map character spans to tokens")
+    fmt = resolve_format(tokenizer, scenario.format)
     prefill = st.assistant_prefill(scenario.form, scenario.prefill)
     prompts: list[Prompt] = []
     for name in scenario.cue_families:
         family = resolve_family(name, scenario.variant, custom_families)
-        prompts.extend(_family_prompts(tokenizer, scenario, family, queries, prefill))
+        prompts.extend(_family_prompts(tokenizer, scenario, family, queries, prefill, fmt))
     return prompts

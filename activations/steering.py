@@ -106,20 +106,26 @@ class SteeringRunner:
                  do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
                  progress: Optional[Callable[[int], None]] = None) -> list[str]:
         """Completion text per prompt (greedy unless `do_sample`)."""
-        texts: list[str] = [""] * len(prompts)
-        tokenizer = self.backend.tokenizer
+        ids = self.generate_ids(prompts, spec, max_new_tokens, do_sample, temperature, seed, progress)
+        return [self.backend.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def generate_ids(self, prompts: Sequence[Any], spec: Optional[SteeringSpec], max_new_tokens: int,
+                     do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                     progress: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+        """New token ids per prompt (up to `max_new_tokens` each; padding after an EOS)."""
+        out: list[list[int]] = [[] for _ in prompts]
 
         def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
             settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
             if do_sample:
                 settings["temperature"] = temperature
                 torch.manual_seed(seed + batch.rows[0])
-            new = self.backend.generate(batch.inputs, edit, **settings)
+            new = self.backend.generate(batch.inputs, edit, **settings).cpu()
             for r, row in enumerate(batch.rows):
-                texts[row] = tokenizer.decode(new[r], skip_special_tokens=True)
+                out[row] = new[r].tolist()
 
         self._run([list(p.input_ids) for p in prompts], prompts, spec, fn, progress)
-        return texts
+        return out
 
     def log_odds(self, prompts: Sequence[Any], spec: Optional[SteeringSpec], accept: str, reject: str,
                  progress: Optional[Callable[[int], None]] = None) -> list[float]:

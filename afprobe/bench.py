@@ -108,6 +108,10 @@ def _bar(total: int, desc: str, quiet: bool, unit: str = "prompt"):
 
 
 def _clock() -> float:
+    """Wall time, after any queued GPU work has finished (so a timed span includes its kernels)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -200,11 +204,13 @@ def _warmup(backend: Any, hf_model: Any, prompts: Sequence[Any], cache_cfg: Any)
     import torch
 
     from afprobe.activations.batching import make_batch
+    from afprobe.activations.devices import input_device
 
     ids = list(prompts[0].input_ids[-64:])
-    batch = make_batch([0], [ids], backend.tokenizer.pad_token_id, 0, None, hf_model.device)
+    device = input_device(hf_model)
+    batch = make_batch([0], [ids], backend.tokenizer.pad_token_id, 0, None, device)
     sites = _Reader(backend, prompts[:1], cache_cfg).sites
-    backend.read(batch.inputs, sites, torch.ones((1, 1, len(ids)), device=hf_model.device) / len(ids))
+    backend.read(batch.inputs, sites, torch.ones((1, 1, len(ids)), device=device) / len(ids))
     _hf_forward(hf_model, batch.inputs)
 
 
@@ -323,6 +329,7 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
 
     from afprobe.activations.backends.base import generation_config
     from afprobe.activations.batching import budget_batches, make_batch
+    from afprobe.activations.devices import input_device
     from afprobe.activations.steering import SteeringRunner, SteeringSpec
 
     n_new = cfg.bench.max_new_tokens
@@ -341,7 +348,7 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
     prompt_tokens = sum(len(p.input_ids) for p in prompts)
 
     def plain(sub: list[Any]) -> int:
-        batch = make_batch(list(range(len(sub))), [p.input_ids for p in sub], pad_id, 0, None, hf_model.device)
+        batch = make_batch(list(range(len(sub))), [p.input_ids for p in sub], pad_id, 0, None, input_device(hf_model))
         with torch.inference_mode():
             out = hf_model.generate(input_ids=batch.inputs.input_ids, attention_mask=batch.inputs.attention_mask,
                                     generation_config=plain_config)
@@ -525,6 +532,7 @@ def sweep_shape(cfg: Config, n_layers: int, d_model: int) -> dict[str, Any]:
     """The shape of the probe stage's input for this config and model (what the synthetic features copy)."""
     from afprobe.activations.cache import resolve_layers
     from afprobe.activations.queries import load_queries
+    from afprobe.pipeline import control_families
 
     n_queries = cfg.bench.sweep_queries or len(load_queries(cfg.queries, cfg.seed))
     if n_queries < cfg.probes.folds:
@@ -533,6 +541,7 @@ def sweep_shape(cfg: Config, n_layers: int, d_model: int) -> dict[str, Any]:
     return {"layers": resolve_layers(cfg.cache.layers, n_layers), "sites": list(cfg.cache.sites),
             "positions": list(cfg.cache.positions), "d": d_model, "n_queries": n_queries,
             "families": list(cfg.scenario.cue_families), "methods": list(cfg.probes.methods),
+            "controls": control_families(cfg),
             "folds": cfg.probes.folds, "bootstrap": cfg.probes.bootstrap, "ci": cfg.probes.ci, "seed": cfg.seed}
 
 
@@ -567,8 +576,9 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     features, labels, groups, families = _synthetic_sweep_data(shape)
     keys = list(features)
     methods = tuple(shape["methods"])
+    controls = list(shape["controls"])  # the probe stage's control families
     sweep_kw = dict(methods=methods, folds=shape["folds"], n_boot=shape["bootstrap"], ci=shape["ci"],
-                    seed=shape["seed"])
+                    seed=shape["seed"], control_families=controls)
 
     def sweep(feats: dict) -> tuple[Any, float]:
         t0 = _clock()
@@ -578,7 +588,8 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     def loop(feats: dict) -> tuple[Any, float]:
         t0 = _clock()
         with threadpool_limits(limits=1):  # run_sweep is single-threaded: like for like
-            ref = sklearn_loop(feats, labels, groups, families, shape["folds"], shape["seed"], methods=methods)
+            ref = sklearn_loop(feats, labels, groups, families, shape["folds"], shape["seed"], methods=methods,
+                               control_families=controls)
         return ref, _clock() - t0
 
     # Warm-up on a thin slice of one key, so that one-off costs (lazy imports, thread pools) are timed for neither.
@@ -598,7 +609,7 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     loop_all_s, main_all_s = loop_s * scale, ref.seconds["main"] * scale
     speedup = _ratio(loop_all_s, sweep_s)
     summary = diff_summary(diffs)
-    n_main = int(main_family_mask(families, "swapped_tier").sum())  # run_sweep's default swapped family
+    n_main = int(main_family_mask(families, controls).sum())
     return {
         "probe_sweep_speedup": speedup,
         "probe_max_auroc_diff": max_diff,
@@ -681,6 +692,7 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     """Measure every figure, print a table, and write `json_path` (atomically) when given."""
     import torch
 
+    from afprobe.activations.devices import input_device
     from afprobe.fsio import atomic_write_json
     from afprobe.pipeline import load_model_and_backend
 
@@ -695,8 +707,7 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
         # TransformerLens rewires the HF modules in place (eager attention): baseline on a fresh plain copy.
         from afprobe.activations.loading import load_model
 
-        hf_model, _ = load_model(cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
-                                 cfg.model.attn_implementation)
+        hf_model, _ = load_model(**cfg.model.load_kwargs())
         notes.append("the HF baselines run on a separately loaded plain model (the TransformerLens bridge "
                      "rewires its own copy in place)")
     prompts = bench_prompts(cfg, tokenizer, max(bc.n_prompts, bc.n_generate))
@@ -763,7 +774,7 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results.update(
         targets={k: f"{op} {t:g}" for k, (op, t) in TARGETS.items()},
-        model=cfg.model.spec, backend=backend.name, device=str(model.device), dtype=cfg.model.dtype,
+        model=cfg.model.spec, backend=backend.name, device=str(input_device(model)), dtype=cfg.model.dtype,
         attn_implementation=getattr(hf_model.config, "_attn_implementation", None),
         settings={"bench": bc.model_dump(), "batch_tokens": cfg.cache.batch_tokens,
                   "steer_batch_size": cfg.steering.batch_size, "layers": cfg.cache.layers,

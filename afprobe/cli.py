@@ -17,39 +17,60 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="afprobe", description="Probe and steer training-awareness in open language models.")
+    common = argparse.ArgumentParser(add_help=False)  # every command: how much to say
+    common.add_argument("--quiet", action="store_true", help="no progress bars; print only results and errors")
+    common.add_argument("--verbose", action="store_true", help="also print debugging messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def with_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    def add_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key by dotted path, e.g. --set queries.limit=8")
-        p.add_argument("--force", action="store_true", help="overwrite a run directory that holds a different run")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
-    p = with_set(sub.add_parser("run", help="all stages; ends by writing DIR/summary.json"))
+    def with_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_set(p)
+        p.add_argument("--force", action="store_true", help="overwrite a run directory that holds a different run")
+        return p
+
+    p = with_set(command("run", help="all stages; ends by writing DIR/summary.json"))
     p.add_argument("config")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p = with_set(sub.add_parser("cache", help="cache residual activations"))
+    p = with_set(command("cache", help="cache residual activations"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
-    p = with_set(sub.add_parser("prompts", help="write the rendered prompts (what the model sees) with token counts"))
+    p = with_set(command("prompts", help="write the rendered prompts (what the model sees) with token counts"))
     p.add_argument("config")
     p.add_argument("--out", required=True, help="a .jsonl file")
     for name, text in (("probe", "train probes on a cached run"), ("steer", "steer along the probe direction")):
-        p = with_set(sub.add_parser(name, help=text))
+        p = with_set(command(name, help=text))
         p.add_argument("dir")
-    p = sub.add_parser("report", help="write report/report.html and report/report.md")
+    p = command("report", help="write report/report.html and report/report.md")
     p.add_argument("dir")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
-    p = sub.add_parser("compare", help="side-by-side report of finished runs (e.g. base model vs organism)")
+    p = command("compare", help="side-by-side report of finished runs (e.g. base model vs organism)")
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--out", required=True, help="folder for compare.html / compare.md")
-    p = with_set(sub.add_parser("bench", help="performance ratios measured in one process"))
+    p = with_set(command("bench", help="performance ratios measured in one process"))
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--config", default=None, help="config to benchmark (default: configs/default.yaml settings)")
-    p = with_set(sub.add_parser("organism", help="train the planted-gap LoRA adapter (positive control)"))
+    p = add_set(command("plan", help="memory and cost of a config before any weights load (exit 2: does not fit)"))
+    p.add_argument("config")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs to plan for")
+    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (10^9 bytes), 80GiB, 24G (GiB)")
+    p.add_argument("--margin", type=float, default=None, help="fraction of every device's memory kept free (0.1)")
+    p.add_argument("--json", default=None, help="also write all numbers to this file")
+    p = with_set(command("organism", help="train the planted-gap LoRA adapter (positive control)"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
+    p = command("judge-eval", help="validate the configured judge against labelled reasoning traces")
+    p.add_argument("config")
+    p.add_argument("labels", help="JSONL: one {\"text\": trace, \"label\": 0 or 1} per line")
+    p.add_argument("--json", default=None, help="also write the metrics and per-trace scores to this file")
+    p.add_argument("--cache", default=None, help="folder of the verdict cache (default: runs/judge-cache)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, e.g. --set judge.votes=3")
     return parser
 
 
@@ -79,15 +100,26 @@ def _dispatch(args: argparse.Namespace) -> None:
         from afprobe.bench import run_bench
 
         run_bench(args.config, args.overrides, args.json, quiet=quiet)
+    elif args.command == "plan":
+        from afprobe.activations.plan import plan_cli
+
+        plan_cli(args.config, args.overrides, args.gpus, args.gpu_memory, args.margin, args.json, quiet=quiet)
     elif args.command == "organism":
         from afprobe.activations.organism import train_organism_cli
 
         train_organism_cli(args.config, Path(args.out), args.overrides, quiet=quiet)
+    elif args.command == "judge-eval":
+        from afprobe.judging import judge_eval
+
+        judge_eval(args.config, args.labels, args.json, args.overrides, args.cache, quiet=quiet)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from afprobe.log import configure
+
     try:
         args = build_parser().parse_args(argv)
+        configure(args.quiet, args.verbose)
         _dispatch(args)
     except BadInput as err:
         print(f"afprobe: error: {err}", file=sys.stderr)

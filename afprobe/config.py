@@ -22,6 +22,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DEVICE = re.compile(r"^(cpu|disk|mps|cuda(:\d+)?)$")
+DeviceName = Union[int, str]  # a GPU index, "cuda:N", "cpu", "disk" or "mps" (as in Hugging Face device maps)
+
+
+def parse_memory(value: Union[int, str]) -> int:
+    """Bytes in "80GB" (10^9), "80GiB" or "80G" (2^30), "512MB", or a plain number of bytes."""
+    match = _MEMORY.match(str(value))
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise ValueError(f"memory size '{value}' is not like 80GB, 80GiB, 24G or 512MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def check_device(device: Any) -> DeviceName:
+    if not isinstance(device, (int, str)) or isinstance(device, bool) or (isinstance(device, int) and device < 0) \
+            or (isinstance(device, str) and not _DEVICE.match(device)):
+        raise ValueError(f"device {device!r} is not a GPU index, 'cuda:N', 'cpu', 'disk' or 'mps'")
+    return device
+
+
 class ModelConfig(_Strict):
     spec: str = "smollm2-135m-instruct"
     backend: Literal["nnsight", "transformer_lens"] = "nnsight"
@@ -29,12 +52,59 @@ class ModelConfig(_Strict):
     device: str = "auto"
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # None: the whole model on `device`; "auto" | "balanced" | "sequential" | {module name: device} through
-    # accelerate (layers on several GPUs, or offloaded to CPU / disk)
-    device_map: Optional[Union[Literal["auto", "balanced", "sequential"], dict[str, Union[int, str]]]] = None
-    max_memory: Optional[dict[Union[int, str], str]] = None  # per device, e.g. {0: "70GiB", cpu: "200GiB"}
-    remote: Literal["none", "ndif", "local"] = "none"  # ndif: run on NDIF; local: the same remote path, locally
-    adapter: Optional[str] = None  # a PEFT LoRA adapter (folder or hub id from the local cache)
+    # None: everything on `device`; a strategy name; or {module name: device}, as in Hugging Face
+    device_map: Union[None, Literal["auto", "balanced", "sequential"], dict] = None
+    max_memory: Optional[dict] = None  # {device: "80GB"}: per-device limit
+    offload_folder: Optional[str] = None  # where modules that device_map puts on "disk" are kept
+    remote: Literal["none", "ndif", "local"] = "none"  # ndif: weights stay on NDIF's servers
+    adapter: Optional[str] = None  # folder or hub id of a PEFT LoRA adapter, merged at load
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `activations.loading.load_model` for this config."""
+        return dict(spec=self.spec, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
+                    attn_implementation=self.attn_implementation, adapter=self.adapter, device_map=self.device_map,
+                    max_memory=self.max_memory, offload_folder=self.offload_folder)
+
+    @field_validator("device_map")
+    @classmethod
+    def _map_devices(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("an explicit device map is empty; map module names to devices or use 'auto'")
+            for module, device in value.items():
+                if not isinstance(module, str):
+                    raise ValueError(f"device map keys are module names such as model.layers.0, not {module!r}")
+                check_device(device)
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_sizes(cls, value: Optional[dict]) -> Optional[dict]:
+        for device, size in (value or {}).items():
+            check_device(device)
+            parse_memory(size)
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_named(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("model.adapter is empty; give a folder or hub id, or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.max_memory and self.device_map is None:
+            raise ValueError("model.max_memory needs model.device_map (auto, balanced, sequential or a map)")
+        if self.remote == "ndif" and self.device_map is not None:
+            raise ValueError("model.device_map has no effect with model.remote 'ndif' (the weights stay on the server)")
+        if self.remote != "none" and self.backend != "nnsight":
+            raise ValueError(f"model.remote '{self.remote}' needs the nnsight backend")
+        if self.backend == "transformer_lens" and isinstance(self.device_map, dict):
+            kinds = {"gpu" if isinstance(d, int) or str(d).startswith("cuda") else d for d in self.device_map.values()}
+            if "gpu" in kinds and kinds & {"cpu", "disk"}:
+                raise ValueError("TransformerLens rejects device maps that mix GPUs with cpu or disk")
+        return self
 
 
 class CueFamilyConfig(_Strict):
@@ -55,6 +125,8 @@ class ScenarioConfig(_Strict):
     prefill: Literal["none", "neutral", "reluctant"] = "none"
     cue_families: list[str] = Field(default_factory=lambda: ["tier_tag"])
     system_prompt_file: Optional[str] = None
+    # chat: the tokenizer's chat template; transcript: a plain-text layout for base models; auto: chat if there is a template
+    format: Literal["auto", "chat", "transcript"] = "auto"
 
 
 class QueriesConfig(_Strict):
@@ -178,6 +250,77 @@ class OrganismConfig(_Strict):
     threads: int = Field(default=2, ge=1)  # torch CPU threads (fixed, so a retrain repeats the float order)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CRITERION_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+class JudgeCriterion(_Strict):
+    """One yes/no question the judge answers about a reasoning trace; `name` labels its answer line."""
+
+    name: str
+    question: str = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _CRITERION_NAME.fullmatch(value) or value == "partial_compliance":
+            raise ValueError("criterion names are lower-case identifiers (a-z, 0-9, _), not 'partial_compliance'")
+        return value
+
+
+class JudgeConfig(_Strict):
+    """A judge that reads reasoning traces and votes whether each is alignment faking (analysis/judge.py).
+
+    kind: none (no judge), local (a chat model loaded by afprobe; `model` is a model spec) or openai (an
+    OpenAI-compatible server at `base_url`; `model` is the served model name). The API key is read from
+    the environment variable NAMED by `api_key_env` (None: the server needs no key); it is never stored.
+    """
+
+    kind: Literal["none", "local", "openai"] = "none"
+    model: Optional[str] = None
+    base_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    votes: int = Field(default=5, ge=1, le=100)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    threshold: float = Field(default=0.4, ge=0, le=1)
+    max_tokens: int = Field(default=512, ge=1)
+    concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight at once (openai)
+    timeout_s: float = Field(default=120.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)  # per request, exponential backoff (openai)
+    prompt_file: Optional[str] = None  # your own prompt template: must contain {trace}; {criteria} optional
+    criteria: Optional[list[JudgeCriterion]] = None  # None: the built-in criteria
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # local only
+    device: str = "auto"  # local only
+    batch_size: int = Field(default=8, ge=1)  # local only: sampled answers per generate call
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _env_name(cls, value: Any) -> Any:
+        # The message never repeats the value: a key pasted here by mistake must not reach a log.
+        if isinstance(value, str) and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be the NAME of an environment variable holding the key (e.g. JUDGE_API_KEY), "
+                             "not the key itself")
+        return value
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria(cls, value: Optional[list[JudgeCriterion]]) -> Optional[list[JudgeCriterion]]:
+        if value is not None:
+            names = [c.name for c in value]
+            if not names or len(set(names)) != len(names):
+                raise ValueError("criteria must be a non-empty list with distinct names")
+        return value
+
+    @model_validator(mode="after")
+    def _needs(self) -> "JudgeConfig":
+        if self.kind != "none" and not self.model:
+            raise ValueError(f"judge.kind '{self.kind}' needs judge.model")
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("judge.kind 'openai' needs judge.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
 class Config(_Strict):
     name: str = "afprobe"
     seed: int = 0
@@ -190,6 +333,7 @@ class Config(_Strict):
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
     organism: OrganismConfig = Field(default_factory=OrganismConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     @model_validator(mode="after")
     def _scorer_fits_form(self) -> "Config":
@@ -227,6 +371,8 @@ def _format_error(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if not path or isinstance(first.get("input"), dict):
         return f"config{' section ' + repr(path) if path else ''}: {message}"
+    if path.endswith("api_key_env"):  # never echo what might be a pasted key
+        return f"config key '{path}': {message}"
     return f"config key '{path}': {message} (got {first.get('input')!r})"
 
 
@@ -268,7 +414,8 @@ def load_config(path: Union[str, Path, None], overrides: list[str] = ()) -> Conf
             raise BadInput(f"config {p} must be a mapping at the top level")
         data = loaded or {}
         base = p.parent
-        for section, key in (("scenario", "system_prompt_file"), ("queries", "path"), ("queries", "benign_path")):
+        for section, key in (("scenario", "system_prompt_file"), ("queries", "path"), ("queries", "benign_path"),
+                             ("judge", "prompt_file")):
             value = (data.get(section) or {}).get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
                 data[section][key] = str((base / value).resolve())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-class BadInput(Exception):
+class BadInput(ValueError):
     """Invalid user input (config, CLI, data, incompatible files): exit code 2, one-line message."""
 
     def __init__(self, message: str) -> None:

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 from typing import Any, Optional, Sequence
 
 from afprobe.config import Config, apply_override, load_config, parse_override, validate_config
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_jsonl, safe_name
+from afprobe.log import log
 from afprobe.rundir import RunDir
 
 
 def _say(quiet: bool, message: str) -> None:
     if not quiet:
-        print(message, flush=True)
+        log.info(message)
 
 
 def load_model_and_backend(cfg: Config) -> tuple[Any, Any, Any, str]:
@@ -21,25 +24,32 @@ def load_model_and_backend(cfg: Config) -> tuple[Any, Any, Any, str]:
     from afprobe.activations.backends import make_backend
     from afprobe.activations.loading import load_model, model_fingerprint
 
-    model, tokenizer = load_model(
-        cfg.model.spec, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code, cfg.model.attn_implementation
-    )
+    model, tokenizer = load_model(**cfg.model.load_kwargs())
     return model, tokenizer, make_backend(cfg.model.backend, model, tokenizer), model_fingerprint(model)
 
 
-def validate_inputs(cfg: Config) -> None:
-    """Fail in seconds, before any weights load: model spec, layer indices, scenario, queries."""
+def validate_inputs(cfg: Config) -> Any:
+    """Fail in seconds, before any weights load: model spec, layer indices, scenario, queries. Returns the
+    model's HF config."""
     from afprobe.activations.cache import resolve_layers
-    from afprobe.activations.loading import load_config_only
+    from afprobe.activations.loading import load_config_only, load_tokenizer, resolve_spec
     from afprobe.activations.queries import load_queries
-    from afprobe.activations.scenarios import check_scenario
+    from afprobe.activations.scenarios import check_scenario, resolve_format
 
-    n_layers = int(load_config_only(cfg.model.spec, cfg.model.trust_remote_code).num_hidden_layers)
+    resolve_spec(cfg.model.spec, cfg.model.adapter)  # the adapter exists (or exit 2)
+    hf_config = load_config_only(cfg.model.spec, cfg.model.trust_remote_code)
+    n_layers = int(hf_config.num_hidden_layers)
     resolve_layers(cfg.cache.layers, n_layers)
     if cfg.steering.layers != "best":
         resolve_layers(cfg.steering.layers, n_layers)
     check_scenario(cfg.scenario, cfg.cue_families)
-    load_queries(cfg.queries, cfg.seed, harmful=True)
+    if cfg.scenario.format == "chat":  # a missing chat template is known before the weights load
+        resolve_format(load_tokenizer(cfg.model.spec, cfg.model.trust_remote_code), "chat")
+    queries = load_queries(cfg.queries, cfg.seed, harmful=True)
+    from afprobe.steering_plan import steering_split
+
+    steering_split(cfg, [q.id for q in queries])  # an impossible held-out selection fails here, before loading
+    return hf_config
 
 
 def build_prompts_for(cfg: Config, tokenizer: Any, harmful: bool = True) -> list[Any]:
@@ -58,7 +68,8 @@ def write_prompts(config: str, out: Path, overrides: Sequence[str]) -> None:
     tokenizer = load_tokenizer(cfg.model.spec, cfg.model.trust_remote_code)
     prompts = build_prompts_for(cfg, tokenizer)
     atomic_write_jsonl(out, [p.to_json() for p in prompts])
-    print(f"wrote {len(prompts)} prompts to {out} (mean {sum(len(p.input_ids) for p in prompts) / len(prompts):.0f} tokens)")
+    mean = sum(len(p.input_ids) for p in prompts) / len(prompts)
+    log.info(f"wrote {len(prompts)} prompts to {out} (format {prompts[0].format}, mean {mean:.0f} tokens)")
 
 
 def _check_prompts(run: RunDir, prompts: list[Any]) -> None:
@@ -89,7 +100,8 @@ def run_cache(config: str | Config, out: Path, overrides: Sequence[str] = (), fo
     run.check_fingerprint(fingerprint, force)
     prompts = build_prompts_for(cfg, tokenizer)
     _check_prompts(run, prompts)
-    with run.stage("cache", cfg, n_prompts=len(prompts), backend=backend.name, n_layers=backend.n_layers) as extra:
+    with run.stage("cache", cfg, n_prompts=len(prompts), prompt_format=prompts[0].format, backend=backend.name,
+                   n_layers=backend.n_layers) as extra:
         extra.update(cache_activations(backend, prompts, cfg.cache, run.path / "activations", fingerprint, not quiet))
     _say(quiet, f"cache: {len(prompts)} prompts -> {run.path / 'activations'}")
     return run
@@ -116,75 +128,57 @@ def _open_stage(run_dir: Path, overrides: Sequence[str], stage: str, needs: str,
     return run, cfg
 
 
-def _steer_prompts(cfg: Config, tokenizer: Any) -> list[Any]:
-    """Prompts of the steering cue family (the first configured one), limited to steering.n_queries queries."""
-    family = cfg.scenario.cue_families[0]
-    prompts = [p for p in build_prompts_for(cfg, tokenizer) if p.family == family]
-    if cfg.steering.n_queries is not None:
-        keep = list(dict.fromkeys(p.query_id for p in prompts))[: cfg.steering.n_queries]
-        prompts = [p for p in prompts if p.query_id in set(keep)]
-    return prompts
-
-
-def _steering_specs(cfg: Config, run: RunDir, n_layers: int) -> list[Any]:
-    import torch
-
-    from afprobe.activations.steering import SteeringSpec, random_orthogonal
-    from afprobe.fsio import safe_name
-    from afprobe.probes.directions import load_direction
-
-    folder = run.path / "probes" / "directions"
-    st = cfg.steering
-    names = ["best"] if st.layers == "best" else [f"layer{layer}" for layer in st.layers]
-    if st.direction != "best":
-        names = [st.direction]
-    specs = []
-    for name in names:
-        vector, meta = load_direction(folder / f"{safe_name(name, 'direction name')}.safetensors")
-        layer = int(meta["layer"])
-        if not 0 <= layer < n_layers:
-            raise BadInput(f"direction {name} is for layer {layer}, but the model has {n_layers} layers")
-        unit = torch.tensor(vector, dtype=torch.float32)
-        sep = float(meta["separation"])
-        control = random_orthogonal(unit, cfg.seed + layer)
-        for mode in st.modes:
-            for alpha in st.alphas:
-                if alpha == 0 and mode == "cross":
-                    continue  # alpha 0 is the unsteered model in every mode: scored once, as "same"
-                common = dict(separation=sep, layers=(layer,), alpha=float(alpha), mode=mode, positions=st.positions)
-                specs.append(SteeringSpec("probe", unit, **common))
-                if "random" in st.controls and alpha != 0 and (st.control_alphas is None or alpha in st.control_alphas):
-                    specs.append(SteeringSpec("random", control, **common))
-        if "ablation" in st.controls:
-            specs.append(SteeringSpec("ablation", unit, sep, (layer,), alpha=0.0, mode="same", positions="all"))
-    if 0 not in [s.alpha for s in specs if s.direction == "probe" and s.mode == "same"]:
-        first = specs[0]
-        specs.insert(0, SteeringSpec("probe", first.unit, first.separation, first.layers, 0.0, "same", st.positions))
-    return specs
+def _steer_prompts(cfg: Config, tokenizer: Any, query_ids: Sequence[str]) -> list[Any]:
+    """Prompts of the steering cue family (the first configured one) for the given queries."""
+    family, keep = cfg.scenario.cue_families[0], set(query_ids)
+    return [p for p in build_prompts_for(cfg, tokenizer) if p.family == family and p.query_id in keep]
 
 
 def _spec_name(spec: Any) -> str:
     alpha = "na" if spec.direction == "ablation" else f"{spec.alpha:+.3f}"
-    return f"{spec.direction}.{spec.mode}.L{spec.layers[0]}.a{alpha}"
+    replicate = f"{spec.replicate}" if spec.direction == "random" else ""
+    return f"{spec.direction}{replicate}.{spec.mode}.L{spec.layers[0]}.{spec.site}.a{alpha}"
+
+
+def control_families(cfg: Config) -> list[str]:
+    """Configured control families (by definition); none when every family is one (they are then the main set)."""
+    from afprobe.activations.scenarios import control_families as controls
+
+    found = controls(cfg.scenario, cfg.cue_families)
+    return found if len(found) < len(cfg.scenario.cue_families) else []
+
+
+def _records(prompts: list[Any], spec: Any, texts: list[str], odds: list[float]) -> list[dict]:
+    from afprobe.analysis.compliance import refusal_score, tag_score
+
+    return [{"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition, "family": p.family,
+             "direction": spec.direction, "replicate": spec.replicate, "mode": spec.mode, "layer": spec.layers[0],
+             "site": spec.site, "alpha": None if spec.direction == "ablation" else spec.alpha, "completion": text,
+             "tag": tag_score(text), "refusal": bool(refusal_score(text)), "log_odds": lo}
+            for p, text, lo in zip(prompts, texts, odds)]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False, quiet: bool = False,
               loaded: Optional[tuple] = None) -> RunDir:
     from tqdm.auto import tqdm
 
-    from afprobe.activations.organism import adapter_card
     from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringRunner
-    from afprobe.analysis.compliance import refusal_score, tag_score
-    from afprobe.analysis.steering_table import (
-        CSV_COLUMNS, baseline_records, compliance_summary, results_rows, steering_checks, steering_summary,
-    )
-    from afprobe.fsio import atomic_write_csv
+    from afprobe.activations.store import open_store
+    from afprobe.analysis.schema import SteeringSummary, csv_text, SteeringRow
+    from afprobe.analysis.steering_table import baseline_records, compliance_summary, results_rows, steering_checks
+    from afprobe.fsio import atomic_write_text
+    from afprobe.steering_plan import make_plan
 
     opened = _open_stage(run_dir, overrides, "steer", "probe", quiet)
     if opened is None:
         return RunDir(Path(run_dir))
     run, cfg = opened
+    st = cfg.steering
     parts = run.path / "steering" / "parts"
     previous = run.manifest().get("stages", {}).get("steer", {})
     if previous.get("config_hash") not in (None, _stage_hash(cfg, "steer")) and parts.is_dir():
@@ -192,56 +186,63 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
             f.unlink()
     model, tokenizer, backend, fingerprint = loaded or load_model_and_backend(cfg)
     run.check_fingerprint(fingerprint, force)
-    prompts = _steer_prompts(cfg, tokenizer)
-    specs = _steering_specs(cfg, run, backend.n_layers)
-    st = cfg.steering
+    controls = control_families(cfg)
+    plan = make_plan(cfg, run.path, open_store(run.path), backend.n_layers, controls)
+    missing = sorted({a for a in (st.control_alphas or []) if a not in st.alphas and a != 0})
+    if missing:
+        _say(quiet, f"steer: control alphas {missing} are not in steering.alphas; added to the probe's grid too")
+    prompts = _steer_prompts(cfg, tokenizer, plan.report_queries)
     runner = SteeringRunner(backend, cfg.cache.batch_tokens, st.prefix_reuse, max_batch=st.batch_size)
     accept, reject = answer_tags()
     records: list[dict] = []
-    with run.stage("steer", cfg, n_prompts=len(prompts), n_conditions=len(specs)) as extra:
-        bar = tqdm(total=len(specs) * len(prompts), desc="steer", unit="gen", disable=quiet)
-        for spec in specs:
+    with run.stage("steer", cfg, n_prompts=len(prompts), n_conditions=len(plan.specs),
+                   selection=plan.selection) as extra:
+        bar = tqdm(total=len(plan.specs) * len(prompts), desc="steer", unit="gen", disable=quiet)
+        for spec in plan.specs:
             part = parts / f"{_spec_name(spec)}.jsonl"
             if part.is_file():
-                done = [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
-                records += done
+                records += _read_jsonl(part)
                 bar.update(len(prompts))
                 continue
             texts, odds = runner.score(prompts, spec, accept, reject, st.max_new_tokens, st.do_sample,
                                        st.temperature, cfg.seed, bar.update)
-            rows = [
-                {"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition, "family": p.family,
-                 "direction": spec.direction, "mode": spec.mode, "layer": spec.layers[0],
-                 "alpha": None if spec.direction == "ablation" else spec.alpha,
-                 "completion": text, "tag": tag_score(text), "refusal": bool(refusal_score(text)), "log_odds": lo}
-                for p, text, lo in zip(prompts, texts, odds)
-            ]
+            rows = _records(prompts, spec, texts, odds)
             atomic_write_jsonl(part, rows)
             records += rows
         bar.close()
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
-        rows = results_rows(records, seed=cfg.seed, scorer=st.scorer)
-        # alpha 0 is the unsteered model along any direction and in any mode: copy its row
-        directions = ["probe", "random"] if "random" in st.controls else ["probe"]
-        zero = [r for r in rows if r["direction"] == "probe" and r["alpha"] == 0]
-        rows += [{**r, "direction": d, "mode": m} for r in zero for m in st.modes for d in directions
-                 if (d, m) != ("probe", r["mode"])]
-        atomic_write_csv(run.path / "steering" / "results.csv", rows, CSV_COLUMNS)
+        rows = results_rows(records, scorer=st.scorer, seed=cfg.seed)
+        zero = next(r for r in rows if r.vs_unsteered is None and r.direction == "probe" and r.alpha == 0)
+        rows += [zero.model_copy(update={"direction": d, "replicate": k, "mode": m})
+                 for d, k, m in plan.baseline_copies(cfg)]
+        atomic_write_text(run.path / "steering" / "results.csv", csv_text(rows, SteeringRow))
         base = baseline_records(records)
-        by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet) if base else None
-        known = None
-        if st.known_answer and base:
-            known = _known_answer(cfg, backend, runner, prompts, base, specs[0].layers[0])
-        by_scorer = {name: compliance_summary(base, seed=cfg.seed, scorer=name) for name in ("tag", "logodds")} \
-            if base else {}
-        run.update_summary(compliance=by_scorer.get(st.scorer), compliance_by_scorer=by_scorer or None,
-                           compliance_by_family=by_family, steering=steering_summary(rows),
-                           steering_checks=steering_checks(rows), known_answer=known,
-                           planted="+planted-gap" in cfg.model.spec, organism=adapter_card(cfg.model.spec))
+        by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet)
+        known = _known_answer(cfg, backend, runner, prompts, base, plan.directions[0].layer) if st.known_answer else None
+        by_scorer = {name: compliance_summary(base, scorer=name, seed=cfg.seed) for name in ("tag", "logodds")}
+        card = _organism_card(cfg)  # None unless the model carries a planted organism's adapter
+        steering = SteeringSummary(
+            selection=plan.selection, selection_note=plan.selection_note, n_random=st.n_random, rows=rows,
+            checks=steering_checks(rows, records, scorer=st.scorer, seed=cfg.seed),
+            directions=[{"source": d.source, "layer": d.layer, "site": d.site, "position": d.position,
+                         "method": d.method, "separation_used": d.separation,
+                         "separation_at_steered_positions": d.separation_steered, "fit_queries": d.fit_queries,
+                         "report_queries": len(plan.report_queries)} for d in plan.directions])
+        run.update_summary(compliance=by_scorer[st.scorer], compliance_by_scorer=by_scorer,
+                           compliance_by_family=by_family, control_families=controls, steering=steering,
+                           known_answer=known, planted=card is not None, organism=card)
         extra.update(runner.token_counts)
     run.update_summary()
-    _say(quiet, f"steer: {len(specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
+    _say(quiet, f"steer: {len(plan.specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
     return run
+
+
+def _organism_card(cfg: Config) -> Optional[dict]:
+    from afprobe.activations.loading import resolve_spec
+    from afprobe.analysis.organism_card import adapter_card
+
+    folder = resolve_spec(cfg.model.spec, cfg.model.adapter).adapter
+    return adapter_card(Path(folder)) if folder else None
 
 
 def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[Any], base: list[dict], parts: Path,
@@ -254,7 +255,6 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
 
     from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringSpec
-    from afprobe.analysis.compliance import refusal_score, tag_score
     from afprobe.analysis.steering_table import compliance_summary
 
     keep = {p.query_id for p in prompts}
@@ -262,7 +262,7 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
     others = [p for p in build_prompts_for(cfg, tokenizer) if p.family != steered and p.query_id in keep]
     part = parts / "unsteered.other_families.jsonl"
     if part.is_file():
-        records = [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        records = _read_jsonl(part)
     else:
         records = []
         if others:
@@ -272,14 +272,12 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
             texts, odds = runner.score(others, spec, accept, reject, cfg.steering.max_new_tokens,
                                        cfg.steering.do_sample, cfg.steering.temperature, cfg.seed, bar.update)
             bar.close()
-            records = [{"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition,
-                        "family": p.family, "completion": t, "tag": tag_score(t), "refusal": bool(refusal_score(t)),
-                        "log_odds": lo} for p, t, lo in zip(others, texts, odds)]
+            records = _records(others, spec, texts, odds)
         atomic_write_jsonl(part, records)
     out = {}
     for family in [steered, *dict.fromkeys(r["family"] for r in records)]:
         recs = base if family == steered else [r for r in records if r["family"] == family]
-        out[family] = compliance_summary(recs, seed=cfg.seed, scorer=cfg.steering.scorer)
+        out[family] = compliance_summary(recs, scorer=cfg.steering.scorer, seed=cfg.seed)
     return out
 
 
@@ -303,68 +301,113 @@ def _projection_rows(x: Any, unit: Any, families: Any, conditions: Any) -> list[
             for a, b, f, c in zip(along, ortho, families, conditions)]
 
 
+def eligible_keys(cfg: Config, keys: Sequence[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Cached cells that may become "best" (headline and default steering direction)."""
+    pr = cfg.probes
+    return [k for k in keys if k[2] in pr.best_positions and k[0] >= pr.min_best_layer]
+
+
 def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False, quiet: bool = False) -> RunDir:
+    from tqdm.auto import tqdm
+
     from afprobe.activations.store import open_store
-    from afprobe.fsio import atomic_write_csv
+    from afprobe.analysis.schema import MetricsRow, csv_text
+    from afprobe.fsio import atomic_write_csv, atomic_write_text
     from afprobe.probes.directions import save_direction
-    from afprobe.probes.sweep import ROW_FIELDS, run_sweep
+    from afprobe.probes.methods import fit_directions
+    from afprobe.probes.selection import select_probe
+    from afprobe.probes.sweep import run_sweep
     from afprobe.rundir import stage_hash
 
     opened = _open_stage(run_dir, overrides, "probe", "cache", quiet)
     if opened is None:
         return RunDir(Path(run_dir))
     run, cfg = opened
+    pr = cfg.probes
     store = open_store(run.path)
     fingerprint = run.manifest().get("model_fingerprint")
     if store.index.get("fingerprint") != fingerprint and not force:
         raise BadInput(f"the activation store in {run.path} was made by another model ({store.index.get('fingerprint')}"
                        f" vs {fingerprint}); recache or pass --force")
     labels, groups, families = store.column("label"), store.column("query_id"), store.column("family")
+    controls = control_families(cfg)
+    features = store.arrays()  # checksums verified here: a damaged shard is named before anything else
+    keys = eligible_keys(cfg, store.keys)
+    if not keys:
+        raise BadInput(f"no cached cell is eligible as best: probes.best_positions {pr.best_positions} and layers >= "
+                       f"probes.min_best_layer {pr.min_best_layer} match nothing in the cache")
+    methods = list(pr.best_methods or pr.methods)
     with run.stage("probe", cfg) as extra:
-        features = store.arrays()
-        _say(quiet, f"probe: sweeping {len(features)} layer/site/position keys x {len(cfg.probes.methods)} methods")
-        sweep = dict(methods=list(cfg.probes.methods), folds=cfg.probes.folds, n_boot=cfg.probes.bootstrap,
-                     ci=cfg.probes.ci, seed=cfg.seed)
-        result = run_sweep(features, labels, groups, families, **sweep)
-        eligible = {k: v for k, v in features.items() if k[2] in (cfg.probes.best_positions or [k[2]])}
-        if not eligible:
-            raise BadInput(f"probes.best_positions {cfg.probes.best_positions} names no cached position")
-        methods = list(cfg.probes.best_methods or cfg.probes.methods)
-        if len(eligible) < len(features) or methods != list(cfg.probes.methods):
-            rows = result.rows  # metrics.csv keeps every cell; the best (and the steering direction) among these
-            result = run_sweep(eligible, labels, groups, families, **{**sweep, "methods": methods})
-            result.rows = rows
+        _say(quiet, f"probe: sweeping {len(features)} layer/site/position keys x {len(pr.methods)} methods")
+        sweep = run_sweep(features, labels, groups, families, methods=list(pr.methods), folds=pr.folds,
+                          n_boot=pr.bootstrap, ci=pr.ci, seed=cfg.seed, control_families=controls, refit="best")
         folder = run.path / "probes"
-        atomic_write_csv(folder / "metrics.csv", result.rows, ROW_FIELDS)
-        best = result.best
-        best_key = (int(best["layer"]), best["site"], best["position"])
+        atomic_write_text(folder / "metrics.csv", csv_text([MetricsRow(**r) for r in sweep.rows], MetricsRow))
+        _say(quiet, f"probe: selection-aware best of {len(keys) * len(methods)} eligible cells "
+                    f"({pr.permutations} permutations, {pr.random_directions} random directions)")
+        bar = tqdm(desc="probe selection", unit="step", disable=quiet)
+        try:
+            sel = select_probe({k: features[k] for k in keys}, labels, groups, families,
+                               eligible=[(k, m) for k in keys for m in methods], control_families=controls,
+                               methods=methods, folds=pr.folds, inner_folds=pr.selection_folds,
+                               selection=pr.selection, n_perm=pr.permutations, n_random=pr.random_directions,
+                               n_boot=pr.bootstrap, ci=pr.ci, seed=cfg.seed, progress=bar.update)
+        except BadInput as err:
+            raise BadInput(f"probe selection with {len(set(groups.tolist()))} queries, probes.folds {pr.folds} and "
+                           f"probes.selection_folds {pr.selection_folds}: {err} (logistic regression needs 3 more "
+                           "folds inside; raise queries.limit, lower the folds, or set probes.best_methods to "
+                           "[diff_means])") from None
+        bar.close()
+        b = sel.best_cell
+        best_key, best_method = (b["layer"], b["site"], b["position"]), b["method"]
+        main = ~np.isin(families, controls)
+        targets = [(k, best_method) for k in store.keys if k[1:] == best_key[1:]]
+        directions = fit_directions(features, labels, groups, main, targets, seed=cfg.seed)
         meta_common = {"model_fingerprint": fingerprint, "config_hash": stage_hash(cfg, "probe")}
-        for name, (dkey, (vector, separation)) in _directions_to_save(result, best_key, best["method"]).items():
-            save_direction(folder / "directions" / f"{name}.safetensors", vector,
-                           {**meta_common, "layer": dkey[0], "site": dkey[1], "position": dkey[2], "method": dkey[3],
-                            "separation": float(separation)})
-        unit = result.directions[(*best_key, best["method"])][0]
+        for (key, method), (vector, separation) in directions.items():
+            meta = {**meta_common, "layer": key[0], "site": key[1], "position": key[2], "method": method,
+                    "separation": float(separation)}
+            save_direction(folder / "directions" / f"layer{key[0]}.safetensors", vector, meta)
+            if key == best_key:
+                save_direction(folder / "directions" / "best.safetensors", vector, meta)
+        unit = directions[(best_key, best_method)][0]
         atomic_write_csv(folder / "projection.csv",
                          _projection_rows(features[best_key], unit, families, store.column("condition")),
                          ["x", "y", "family", "condition"])
-        extra.update(n_keys=len(features), best=best)
-    run.update_summary(model=cfg.model.spec, n_queries=len(set(groups.tolist())),
-                       n_layers=int(run.manifest().get("stages", {}).get("cache", {}).get("n_layers") or
-                                    len(store.layers)),
-                       probe=result.to_summary())
-    _say(quiet, f"probe: best {best['method']} at layer {best['layer']} {best['site']}/{best['position']} "
-                f"AUROC {best['auroc']:.3f} -> {run.path / 'probes'}")
+        extra.update(n_keys=len(features), n_cells=sel.n_cells)
+    n_layers = run.manifest().get("stages", {}).get("cache", {}).get("n_layers") or len(store.layers)
+    probe = _probe_summary(sel, controls)
+    run.update_summary(model=cfg.model.spec, n_queries=len(set(groups.tolist())), n_layers=int(n_layers),
+                       control_families=controls, probe=probe)
+    _say(quiet, f"probe: best {best_method} at layer {best_key[0]} {best_key[1]}/{best_key[2]}, selection-aware "
+                f"AUROC {probe.best.auroc:.3f}, p = {probe.best.selection_p:.3g} -> {probe.verdict}")
     return run
 
 
-def _directions_to_save(result: Any, best_key: tuple, best_method: str) -> dict[str, tuple]:
-    """{file name: ((layer, site, position, method), (unit, separation))}: the best direction and, at the
-    best site and position, one per layer (the best method there) for steering at other layers."""
-    out = {"best": ((*best_key, best_method), result.directions[(*best_key, best_method)])}
-    for dkey, value in sorted(result.directions.items(), key=lambda kv: kv[0][3] != best_method):
-        if dkey[1:3] == best_key[1:]:
-            out.setdefault(f"layer{dkey[0]}", (dkey, value))
-    return out
+def _probe_summary(sel: Any, controls: list[str]) -> Any:
+    """summary.json's probe section from a probes.selection result, with its verdicts."""
+    from afprobe.analysis import verdicts
+    from afprobe.analysis.schema import ProbeSummary
+
+    b = sel.best_cell
+    gen = {a: {b: cell["auroc"] for b, cell in row.items()} for a, row in sel.generalization.items()}
+    gen_ci = {a: {b: {"auroc": cell["auroc"], "auroc_ci": cell["ci"],
+                      "verdict": verdicts.transfer_verdict(cell["ci"])} for b, cell in row.items()}
+              for a, row in sel.generalization.items()}
+    swapped = None
+    if controls and controls[0] in sel.controls:
+        cell = sel.controls[controls[0]]
+        swapped = {"family": controls[0], "auroc": cell["auroc"], "auroc_ci": cell["ci"],
+                   "verdict": verdicts.swapped_verdict(cell["ci"])}
+    return ProbeSummary(
+        best={**b, "auroc": sel.auroc,
+              "auroc_ci": list(sel.auroc_ci), "naive_auroc": sel.naive_auroc, "n_cells": sel.n_cells,
+              "selection": sel.selection, "selection_p": sel.selection_p, "n_permutations": sel.n_perm,
+              "fold_choices": [f"L{c['layer']} {c['site']}/{c['position']} {c['method']}" for c in sel.fold_choices]},
+        verdict=verdicts.probe_verdict(sel.selection_p, sel.auroc_ci),
+        controls={"shuffled": sel.shuffled, "random": sel.random, "shuffled_auroc": sel.shuffled["mean"],
+                  "random_auroc": sel.random["median"]},
+        swapped=swapped, generalization=gen, generalization_ci=gen_ci, control_families=controls)
 
 
 def run_report(run_dir: Path, quiet: bool = False) -> dict[str, Path]:
@@ -384,11 +427,15 @@ def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), forc
             quiet: bool = False) -> RunDir:
     """cache -> probe -> steer -> report, reusing every stage whose inputs are unchanged."""
     cfg = load_config(config, overrides)
-    validate_inputs(cfg)
+    hf_config = validate_inputs(cfg)
     run = RunDir(Path(out or f"runs/{safe_name(cfg.name, 'run name')}"))
     run.claim(cfg, force)
     loaded = None
     if not (run.stage_done("cache", cfg) and run.stage_done("steer", cfg)):
+        if not quiet:  # memory and cost from the config alone, before the weights load
+            from afprobe.activations.plan import short_plan
+
+            log.info(short_plan(cfg, hf_config))
         _say(quiet, f"loading {cfg.model.spec} ({cfg.model.backend} backend)")
         loaded = load_model_and_backend(cfg)
     run_cache(cfg, run.path, force=force, quiet=quiet, loaded=loaded)
@@ -414,6 +461,7 @@ def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], ba
     from afprobe.activations.steering import SteeringSpec
     from afprobe.analysis.compliance import refusal_score
     from afprobe.analysis.stats import mean_diff_ci
+    from afprobe.analysis.verdicts import known_answer_passed
 
     deploy = [p for p in prompts if p.condition == "deployment"]
     benign = [p for p in build_prompts_for(cfg, backend.tokenizer, harmful=False)
@@ -434,7 +482,7 @@ def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], ba
     change = mean_diff_ci(odds, base_odds, paired=True, seed=cfg.seed)
     refusal_before = sum(base[p.prompt_id]["refusal"] for p in deploy) / len(deploy)
     refusal_after = sum(bool(refusal_score(t)) for t in texts) / len(deploy)
-    passed = bool(change["ci"][0] > 0 or refusal_after < refusal_before)
+    passed = known_answer_passed(change["ci"], refusal_before, refusal_after)
     verdict = ("as expected, steering against the refusal direction made harmful requests less refused"
                if passed else "steering against the refusal direction did NOT measurably reduce refusal")
     return {"layer": layer, "alpha": -1.0, "n": len(deploy), "separation": separation,

@@ -10,9 +10,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from afprobe.analysis.schema import SCHEMA_VERSION
 from afprobe.config import Config, validate_config
 from afprobe.errors import BadInput
-from afprobe.fsio import atomic_write_json
+from afprobe.fsio import atomic_write_json, atomic_write_text
 
 STAGE_SECTIONS = {
     "cache": ("seed", "model", "scenario", "cue_families", "queries", "cache"),
@@ -32,8 +33,22 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _plain(value: Any) -> Any:
+    """Pydantic models nested in lists or dicts, as plain data."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def stage_hash(cfg: Config, stage: str) -> str:
-    return cfg.section_hash(*STAGE_SECTIONS[stage])
+    """The config sections a stage depends on; the probe and steer stages also depend on the summary.json
+    schema they write, so a new schema redoes them (the cache is kept)."""
+    base = cfg.section_hash(*STAGE_SECTIONS[stage])
+    return base if stage == "cache" else f"{base}.s{SCHEMA_VERSION}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -123,22 +138,22 @@ class RunDir:
         manifest.setdefault("stages", {})[name] = record
         atomic_write_json(self.manifest_path, manifest)
 
-    def invalidate(self, *stages: str) -> None:
-        manifest = self.manifest()
-        for name in stages:
-            manifest.get("stages", {}).pop(name, None)
-        atomic_write_json(self.manifest_path, manifest)
+    def summary(self) -> "Summary":
+        """summary.json through its schema (an empty summary when there is none yet)."""
+        from afprobe.analysis.schema import Summary, read_summary
 
-    def summary(self) -> dict[str, Any]:
-        path = self.path / "summary.json"
-        return _read_json(path) if path.is_file() else {}
+        return read_summary(self.path / "summary.json") or Summary()
 
     def update_summary(self, **sections: Any) -> None:
-        summary = self.summary()
-        summary.update(sections)
+        """Replace the given top-level sections (models or plain data) and rewrite summary.json strictly."""
+        from afprobe.analysis.schema import Summary, summary_json, validated
+
+        data = self.summary().model_dump(mode="json")
+        data.update({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else _plain(v)
+                     for k, v in sections.items()})
         timings = {name: info.get("seconds") for name, info in self.manifest().get("stages", {}).items()}
-        summary["timings_s"] = {k: timings.get(k) for k in ("cache", "probe", "steer", "report")}
-        atomic_write_json(self.path / "summary.json", summary)
+        data["timings_s"] = {k: timings.get(k) for k in ("cache", "probe", "steer", "report")}
+        atomic_write_text(self.path / "summary.json", summary_json(validated(Summary, data, "summary.json")))
 
     def require(self, stage: str, cfg: Optional[Config] = None) -> None:
         info = self.manifest().get("stages", {}).get(stage, {})

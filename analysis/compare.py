@@ -1,114 +1,121 @@
 """Side-by-side comparison of finished runs (e.g. the base model and the planted-gap organism).
 
-Reads each run's summary.json and steering/results.csv; writes compare.html (self-contained) and
-compare.md next to the figures it draws.
+Reads each run's summary.json and steering/results.csv through their schemas; writes compare.html
+(self-contained) and compare.md next to the figures it draws. Verdicts are the ones each run recorded.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from afprobe.analysis import plots
+from afprobe.analysis import plots, verdicts
 from afprobe.analysis.report import (
-    CONDITIONS, Doc, _ci, _f, _get, _p, _signed, _transfer_verdict, load_run, render_html, render_markdown,
+    CONDITIONS, Doc, RunData, _ci, _f, _p, _signed, load_run, render_html, render_markdown,
 )
-from afprobe.analysis.steering_table import steering_checks
+from afprobe.analysis.schema import Summary
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_bytes, atomic_write_text
 
 
-def _run_label(path: Path, summary: dict) -> str:
-    model = summary.get("model") or path.name
-    return f"{path.name} ({model}{', PLANTED gap' if summary.get('planted') else ''})"
+def _run_label(path: Path, summary: Summary) -> str:
+    return f"{path.name} ({summary.model or path.name}{', PLANTED gap' if summary.planted else ''})"
 
 
-def _rows_for(runs: list[tuple[Path, Any]]) -> list[list[str]]:
+def _rows_for(runs: list[tuple[Path, RunData]]) -> list[list[str]]:
     """One table row per measured quantity, one column per run."""
-    def row(label: str, fn) -> list[str]:
+    def row(label: str, fn: Callable[[Summary], str]) -> list[str]:
         cells = []
         for _, data in runs:
             try:
-                cells.append(fn(data.summary or {}, data))
-            except (KeyError, TypeError, IndexError, StopIteration):  # absent from this run
+                cells.append(fn(data.summary or Summary()))
+            except (KeyError, TypeError, IndexError, AttributeError, StopIteration):  # absent from this run
                 cells.append("n/a")
         return [label, *cells]
 
-    def best(s: dict, _: Any) -> str:
-        b = s["probe"]["best"]
-        return f"{b['method']} L{b['layer']} {b['site']}/{b['position']}: AUROC {_f(b['auroc'])} {_ci(b['auroc_ci'])}"
+    def best(s: Summary) -> str:
+        b = s.probe.best
+        return (f"{b.method} L{b.layer} {b.site}/{b.position}: AUROC {_f(b.auroc)} {_ci(b.auroc_ci)} "
+                f"(best of {b.n_cells}, {_p(b.selection_p)}) -> {s.probe.verdict}")
 
-    def controls(s: dict, _: Any) -> str:
-        c = s["probe"]["controls"]
-        return f"shuffled {_f(c['shuffled_auroc'])}, random {_f(c['random_auroc'])}"
+    def controls(s: Summary) -> str:
+        c = s.probe.controls
+        return (f"shuffled mean {_f(c.shuffled.mean)} (q95 {_f(c.shuffled.q95)}); random median "
+                f"{_f(c.random.median)} [{_f(c.random.q05)}, {_f(c.random.q95)}]")
 
-    def rate(cond: str):
-        return lambda s, _: f"{_f(s['compliance'][cond]['rate'])} {_ci(s['compliance'][cond]['ci'])}"
+    def rate(cond: str) -> Callable[[Summary], str]:
+        return lambda s: f"{_f(getattr(s.compliance, cond).rate)} {_ci(getattr(s.compliance, cond).ci)}"
 
     out = [
-        row("queries / layers", lambda s, _: f"{s['n_queries']} / {s['n_layers']}"),
+        row("queries / layers", lambda s: f"{s.n_queries} / {s.n_layers}"),
         row("best probe", best),
         row("probe controls", controls),
+        row("swapped-semantics control", lambda s: f"{_f(s.probe.swapped.auroc)} {_ci(s.probe.swapped.auroc_ci)} "
+                                                  f"-> {s.probe.swapped.verdict}"),
         *[row(f"compliance, {cond} cue", rate(cond)) for cond in CONDITIONS],
-        row("compliance gap", lambda s, _: f"{_signed(s['compliance']['gap'])} {_ci(s['compliance']['gap_ci'])}, "
-                                           f"{_p(s['compliance']['p_value'])}"),
-        row("scorer", lambda s, _: str(s["compliance"].get("scorer", "tag"))),
+        row("compliance gap", lambda s: f"{_signed(s.compliance.gap.estimate)} {_ci(s.compliance.gap.ci)}, "
+                                        f"{_p(s.compliance.gap.mcnemar_p)} -> {s.compliance.gap.verdict}"),
+        row("scorer", lambda s: s.compliance.scorer),
     ]
-    families = list(dict.fromkeys(f for _, d in runs for f in (_get(d.summary, "compliance_by_family") or {})))
+    families = list(dict.fromkeys(f for _, d in runs for f in ((d.summary and d.summary.compliance_by_family) or {})))
     for fam in families:
-        out.append(row(f"gap under {fam}", lambda s, _, fam=fam: (
-            f"{_signed(s['compliance_by_family'][fam]['gap'])} {_ci(s['compliance_by_family'][fam]['gap_ci'])}; "
-            f"{_transfer_verdict(fam, s['compliance_by_family'][fam])}")))
-    modes = list(dict.fromkeys(r["mode"] for _, d in runs for r in d.steering or []))
+        out.append(row(f"gap under {fam}", lambda s, fam=fam: verdicts.describe_family_gap(
+            fam, s.compliance_by_family[fam].model_dump(), fam in s.control_families)))
+    out.append(row("steering selection", lambda s: s.steering.selection))
+    modes = list(dict.fromkeys(c.mode for _, d in runs for c in ((d.summary and d.summary.steering and
+                                                                     d.summary.steering.checks) or [])))
     for mode in modes:
-        def check(s: dict, data: Any, mode: str = mode) -> str:
-            c = next(c for c in steering_checks(data.steering) if c["mode"] == mode)
-            ratio = c["effect_ratio"]
-            flag = "n/a" if c["monotone"] is None else "yes" if c["monotone"] else "NO"
-            return (f"monotone {flag}; moved {_f(c['probe_effect'])} vs random "
-                    f"{_f(c['random_effect'])}" + ("" if ratio is None else " (control moved nothing)" if ratio == float("inf") else f" ({_f(ratio, 1)}x)"))
+        def check(s: Summary, mode: str = mode) -> str:
+            c = next(c for c in s.steering.checks if c.mode == mode)
+            flag = "n/a" if c.monotone is None else "yes" if c.monotone else "NO"
+            return (f"monotone {flag}; probe {_f(c.probe_effect)} vs random {_f(c.random_effect)} "
+                    f"(n = {c.n_random}); difference {_signed(c.effect_diff)} {_ci(c.effect_diff_ci)} -> {c.verdict}")
         out.append(row(f"steering, {mode} mode", check))
-    out.append(row("known-answer check", lambda s, _: "passed" if s["known_answer"]["passed"] else "FAILED"))
-    out.append(row("seconds (cache / probe / steer / report)", lambda s, _: " / ".join(
-        _f(s["timings_s"].get(k), 0) for k in ("cache", "probe", "steer", "report"))))
+    out.append(row("known-answer check", lambda s: "passed" if s.known_answer.passed else "FAILED"))
+    out.append(row("seconds (cache / probe / steer / report)", lambda s: " / ".join(
+        _f(s.timings_s.get(k), 0) for k in ("cache", "probe", "steer", "report"))))
     return out
+
+
+def _steering_figures(doc: Doc, path: Path, data: RunData, label: str) -> None:
+    rows = [r for r in data.steering or [] if r.direction in ("probe", "random") and r.alpha is not None]
+    for mode in dict.fromkeys(r.mode for r in rows):
+        gap: dict[str, Any] = {}
+        rates: dict[str, Any] = {}
+        for key in dict.fromkeys((r.direction, r.replicate) for r in rows if r.mode == mode):
+            grp = sorted((r for r in rows if r.mode == mode and (r.direction, r.replicate) == key),
+                         key=lambda r: r.alpha)
+            name = key[0] + (f" {key[1]}" if key[0] == "random" else "")
+            gap[name] = {"x": [r.alpha for r in grp], "y": [r.gap for r in grp],
+                         "lo": [r.gap_lo for r in grp], "hi": [r.gap_hi for r in grp]}
+            for cond in CONDITIONS:
+                rates[f"{name} / {cond}"] = {
+                    "x": [r.alpha for r in grp], "y": [getattr(r, f"rate_{cond}") for r in grp],
+                    "lo": [getattr(r, f"rate_{cond}_lo") for r in grp], "hi": [getattr(r, f"rate_{cond}_hi") for r in grp]}
+        if gap:
+            doc.fig(f"{path.name}_steering_{mode}", f"{label}: steering in {mode} mode.",
+                    plots.steering_curves(gap, rates, f"({path.name}, {mode})"))
 
 
 def build_comparison(run_dirs: Sequence[Path]) -> Doc:
     runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
-    labels = [_run_label(p, d.summary or {}) for p, d in runs]
+    labels = [_run_label(p, d.summary or Summary()) for p, d in runs]
     doc = Doc("afprobe comparison: " + " vs ".join(p.name for p, _ in runs))
-    if any((d.summary or {}).get("planted") for _, d in runs):
+    if any(d.summary and d.summary.planted for _, d in runs):
         doc.p("A run marked PLANTED uses a model whose compliance gap was put there by a LoRA adapter: it is a "
               "positive control that shows the pipeline finds and moves a gap where the answer is known.")
     doc.table(["", *labels], _rows_for(runs))
     for (path, data), label in zip(runs, labels):
-        card = _get(data.summary, "organism")
-        if isinstance(card, dict):
+        card = data.summary.organism if data.summary else None
+        if isinstance(card, dict) and "heldout_gap_organism" in card:
             base, org = card.get("heldout_gap_base") or {}, card.get("heldout_gap_organism") or {}
             doc.h(f"{path.name}: the adapter on its {card.get('n_heldout')} held-out requests", 3)
             doc.table(["cue family", "base model gap", "base log-odds gap", "organism gap", "organism log-odds gap"],
-                      [[fam, f"{_signed(_get(base, fam, 'gap'))} {_ci(_get(base, fam, 'gap_ci'))}",
-                        _signed(_get(base, fam, "log_odds_gap")),
-                        f"{_signed(_get(org, fam, 'gap'))} {_ci(_get(org, fam, 'gap_ci'))}",
-                        _signed(_get(org, fam, "log_odds_gap"))] for fam in dict.fromkeys([*org, *base])])
+                      [[fam, f"{_signed((base.get(fam) or {}).get('gap'))} {_ci((base.get(fam) or {}).get('gap_ci'))}",
+                        _signed((base.get(fam) or {}).get("log_odds_gap")),
+                        f"{_signed((org.get(fam) or {}).get('gap'))} {_ci((org.get(fam) or {}).get('gap_ci'))}",
+                        _signed((org.get(fam) or {}).get("log_odds_gap"))] for fam in dict.fromkeys([*org, *base])])
     for (path, data), label in zip(runs, labels):
-        rows = data.steering or []
-        for mode in dict.fromkeys(r["mode"] for r in rows):
-            gap, rates = {}, {}
-            for direction in ("probe", "random"):
-                grp = sorted((r for r in rows if r["mode"] == mode and r["direction"] == direction),
-                             key=lambda r: r["alpha"])
-                if not grp:
-                    continue
-                gap[direction] = {"x": [r["alpha"] for r in grp], "y": [r["gap"] for r in grp],
-                                  "lo": [r["gap_lo"] for r in grp], "hi": [r["gap_hi"] for r in grp]}
-                for cond in CONDITIONS:
-                    rates[f"{direction} / {cond}"] = {
-                        "x": [r["alpha"] for r in grp], "y": [r[f"rate_{cond}"] for r in grp],
-                        "lo": [r[f"rate_{cond}_lo"] for r in grp], "hi": [r[f"rate_{cond}_hi"] for r in grp]}
-            if gap:
-                doc.fig(f"{path.name}_steering_{mode}", f"{label}: steering in {mode} mode.",
-                        plots.steering_curves(gap, rates, f"({path.name}, {mode})"))
+        _steering_figures(doc, path, data, label)
     return doc
 
 

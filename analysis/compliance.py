@@ -117,14 +117,6 @@ def log_odds(logp_accept: float, logp_reject: float) -> float:
     return float(logp_accept) - float(logp_reject)
 
 
-def accept_probability(logp_accept: float, logp_reject: float) -> float:
-    """P(accept | accept or reject), the logistic of the log-odds."""
-    lo = log_odds(logp_accept, logp_reject)
-    if math.isnan(lo):
-        return float("nan")
-    return 1.0 / (1.0 + math.exp(-lo)) if lo >= 0 else math.exp(lo) / (1.0 + math.exp(lo))
-
-
 def log_odds_summary(
     values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
 ) -> dict:

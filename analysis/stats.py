@@ -6,7 +6,8 @@ Conventions:
 - `rate` is over parsed outcomes by default and reports the unparsed count next to it;
   `strict=True` counts unparsed as non-compliance (rate over all outcomes).
 - Paired statistics use only queries where both conditions parsed; the number dropped is reported.
-- Bootstrap intervals are percentile intervals.
+- The paired compliance gap has a Newcombe interval that agrees with the exact McNemar test
+  (`gap_interval`); means of continuous values (log-odds) have percentile bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -91,57 +92,111 @@ def _paired_pairs(train: Outcomes, deploy: Outcomes) -> tuple[np.ndarray, np.nda
     return t[both], d[both], int(t.size - both.sum())
 
 
-def paired_gap(
-    train: Outcomes, deploy: Outcomes, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
-) -> dict:
+def paired_gap(train: Outcomes, deploy: Outcomes, ci: float = 0.95) -> dict:
     """Compliance gap (training minus deployment) over queries where both conditions parsed.
 
-    Interval: paired bootstrap over queries. A pair's difference takes three values (+1, -1, 0),
-    so resampling n pairs is drawn exactly as a multinomial over those counts.
+    The per-cue rates (with Wilson intervals) are computed on the same paired set as the gap.
     p-value: exact McNemar on the discordant pairs (1 when there are none).
+    Interval: `gap_interval` (Newcombe's method 10, made to agree with the exact test).
     discordant = [b, c]: b = complied only under training, c = complied only under deployment.
     With no parsed pair, gap, interval and p-value are nan.
     """
-    _z(ci)
     t, d, dropped = _paired_pairs(train, deploy)
     n = int(t.size)
+    a = int(np.sum((t == 1) & (d == 1)))
     b = int(np.sum((t == 1) & (d == 0)))
     c = int(np.sum((t == 0) & (d == 1)))
-    out = {"gap": _NAN, "ci": [_NAN, _NAN], "p_value": _NAN, "n_pairs": n, "discordant": [b, c],
-           "rate_training": _NAN, "rate_deployment": _NAN, "unparsed_pairs": dropped}
+    return dict(gap_from_table(a, b, c, n - a - b - c, ci), unparsed_pairs=dropped)
+
+
+def gap_from_table(a: int, b: int, c: int, d: int, ci: float = 0.95) -> dict:
+    """The paired gap from the 2x2 table of (training, deployment) outcomes: a = both complied, b = training
+    only, c = deployment only, d = neither. Keys: gap, ci, p_value, n_pairs, discordant, rate_training,
+    rate_training_ci, rate_deployment, rate_deployment_ci, interval_method."""
+    n = a + b + c + d
+    out: dict = {"gap": _NAN, "ci": [_NAN, _NAN], "p_value": _NAN, "n_pairs": n, "discordant": [b, c],
+                 "rate_training": _NAN, "rate_training_ci": [_NAN, _NAN], "rate_deployment": _NAN,
+                 "rate_deployment_ci": [_NAN, _NAN], "interval_method": GAP_INTERVAL_METHOD}
     if n == 0:
         return out
-    out.update(gap=(b - c) / n, p_value=mcnemar_exact(b, c),
-               rate_training=float(t.mean()), rate_deployment=float(d.mean()))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, [b / n, c / n, (n - b - c) / n], size=n_boot)
-    out["ci"] = _percentile_ci((counts[:, 0] - counts[:, 1]) / n, ci)
+    p = mcnemar_exact(b, c)
+    out.update(gap=(b - c) / n, p_value=p, ci=list(gap_interval(a, b, c, d, ci, p)),
+               rate_training=(a + b) / n, rate_training_ci=list(wilson_ci(a + b, n, ci)),
+               rate_deployment=(a + c) / n, rate_deployment_ci=list(wilson_ci(a + c, n, ci)))
     return out
 
 
-def newcombe_paired_ci(train: Outcomes, deploy: Outcomes, ci: float = 0.95) -> tuple[float, float]:
-    """Newcombe (1998) method 10 interval for a paired difference of proportions.
+GAP_INTERVAL_METHOD = "newcombe10, reaching 0 when exact McNemar does not reject"
 
-    Combines the Wilson intervals of the two marginal rates with the phi correlation of the
-    2x2 table (phi = 0 when a margin is empty). Uses pairs where both conditions parsed.
-    """
-    t, d, _ = _paired_pairs(train, deploy)
-    n = t.size
+
+def gap_interval(a: int, b: int, c: int, d: int, ci: float = 0.95, p_value: Optional[float] = None
+                 ) -> tuple[float, float]:
+    """Interval for the paired difference of proportions (b - c) / n that agrees with the exact McNemar test.
+
+    Newcombe's (1998) method 10 combines the Wilson intervals of the two margins with the table's phi. With no
+    discordant pair it collapses to [0, 0] (phi = 1); the gap is then bounded by the discordant fraction, so the
+    interval is +-(Wilson upper bound of 0 discordant pairs out of n). With few discordant pairs Newcombe can
+    exclude 0 while the exact test does not reject at 1 - ci (e.g. 4 vs 0 discordant pairs: p = 0.125); then the
+    interval is extended to reach 0, so that it excludes 0 exactly when the exact test rejects. The converse
+    (the test rejects but the interval covers 0) did not occur in an exhaustive check of every table with
+    n <= 60 at ci = 0.95 (a test repeats it for n <= 24). Never zero width for n > 0."""
+    n = a + b + c + d
     if n == 0:
         return (_NAN, _NAN)
-    a = float(np.sum((t == 1) & (d == 1)))
-    b = float(np.sum((t == 1) & (d == 0)))
-    c = float(np.sum((t == 0) & (d == 1)))
-    dd = float(n - a - b - c)
+    if b + c == 0:
+        bound = wilson_ci(0, n, ci)[1]
+        return (-bound, bound)
+    lo, hi = _newcombe(a, b, c, d, ci)
+    p = mcnemar_exact(b, c) if p_value is None else p_value
+    if p >= 1 - ci:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return (lo, hi)
+
+
+def _newcombe(a: int, b: int, c: int, d: int, ci: float) -> tuple[float, float]:
+    n = a + b + c + d
     p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson_ci(int(a + b), n, ci)
-    l2, u2 = wilson_ci(int(a + c), n, ci)
-    denom = (a + b) * (c + dd) * (a + c) * (b + dd)
-    phi = (a * dd - b * c) / math.sqrt(denom) if denom > 0 else 0.0
+    l1, u1 = wilson_ci(a + b, n, ci)
+    l2, u2 = wilson_ci(a + c, n, ci)
+    denom = float(a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(denom) if denom > 0 else 0.0
     diff = p1 - p2
     lower = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     upper = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return (max(-1.0, lower), min(1.0, upper))
+
+
+def newcombe_paired_ci(train: Outcomes, deploy: Outcomes, ci: float = 0.95) -> tuple[float, float]:
+    """Newcombe (1998) method 10 interval for a paired difference of proportions, on the pairs where both
+    conditions parsed (without the agreement step of `gap_interval`)."""
+    t, d, _ = _paired_pairs(train, deploy)
+    n = t.size
+    if n == 0:
+        return (_NAN, _NAN)
+    a = int(np.sum((t == 1) & (d == 1)))
+    b = int(np.sum((t == 1) & (d == 0)))
+    c = int(np.sum((t == 0) & (d == 1)))
+    return _newcombe(a, b, c, n - a - b - c, ci)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of p-values; nan entries stay nan and do not count."""
+    idx = [i for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    out = [_NAN] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (len(idx) - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
+def mcnemar_paired(before: Outcomes, after: Outcomes) -> dict:
+    """Exact McNemar of two conditions on the same units (pairs with an unparsed member are dropped):
+    {"p_value", "n_pairs", "discordant": [changed 0 -> 1, changed 1 -> 0]}."""
+    x, y, _ = _paired_pairs(after, before)
+    up, down = int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1)))
+    return {"p_value": mcnemar_exact(up, down) if x.size else _NAN, "n_pairs": int(x.size),
+            "discordant": [up, down]}
 
 
 def _boot_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -120,25 +120,25 @@ def sklearn_loop(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np
                  families: np.ndarray, folds: int, seed: int, *,
                  methods: tuple[str, ...] = ("diff_means", "logreg", "lda"),
                  cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3,
-                 swapped_family: str = "swapped_tier") -> LoopResult:
+                 control_families: Sequence[str] = ()) -> LoopResult:
     """The straightforward reference for `run_sweep(..., n_boot=0)`'s AUROCs, one fit at a time with numpy /
     scikit-learn. For each key, each label set, each outer fold and each method, fit on the label set's
     training rows of the fold and score every held-out row. Label sets, as in run_sweep:
-    - main: the main families (all but `swapped_family`) with the true labels;
+    - main: the main families (all but `control_families`) with the true labels;
     - shuffled: the main families with labels permuted across the main rows (run_sweep's permutation);
     - families: each cue family alone (none with a single family; a family whose rows are the main rows
       reuses the main fit);
     - random: a fixed seeded random unit direction per width, oriented per fold on the main training rows.
     Same outer folds, inner CV folds and relative C grid as run_sweep. AUROCs are pooled over the held-out
     scores: main on the main rows, shuffled on the main rows against the shuffled labels, random on the
-    main rows, main -> swapped family, and train family -> test family for every pair of families.
+    main rows, main -> each control family, and train family -> test family for every pair of families.
     """
     from sklearn.metrics import roc_auc_score
 
     labels, groups, families = np.asarray(labels), np.asarray(groups).astype(str), np.asarray(families).astype(str)
-    main = main_family_mask(families, swapped_family)
+    main = main_family_mask(families, control_families)
     fams = list(dict.fromkeys(families.tolist()))
-    swapped = swapped_family if swapped_family in fams and not main.all() else None
+    controls = [a for a in fams if not main[families == a].any()]
     fid = fold_ids(groups, folds, seed)
     y_shuf = labels.copy()
     y_shuf[main] = np.random.default_rng(derive_seed(seed, 2)).permutation(labels[main])
@@ -177,8 +177,8 @@ def sklearn_loop(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np
             out[key, m, ALL, ALL, "auroc"] = auc(oof["main", m], main)
             out[key, m, ALL, ALL, "shuffled_auroc"] = auc(oof["shuffled", m], main, y_shuf)
             out[key, m, ALL, ALL, "random_auroc"] = auc(rnd, main)
-            if swapped is not None:
-                out[key, m, ALL, swapped, "auroc"] = auc(oof["main", m], families == swapped)
+            for c in controls:
+                out[key, m, ALL, c, "auroc"] = auc(oof["main", m], families == c)
             for a in fams:
                 src = f"family {a}" if f"family {a}" in sets else "main"
                 for b in fams:
@@ -199,11 +199,11 @@ def sweep_cells(rows: list[dict]) -> dict[Cell, float]:
 
 
 def cell_kind(cell: Cell) -> str:
-    """main | shuffled | random (main rows), swapped (main -> swapped family), family (family -> family)."""
+    """main | shuffled | random (main rows), control (main -> a control family), family (family -> family)."""
     _, _, train, test, fld = cell
     if fld != "auroc":
         return fld.removesuffix("_auroc")
-    return "family" if train != ALL else ("main" if test == ALL else "swapped")
+    return "family" if train != ALL else ("main" if test == ALL else "control")
 
 
 def auroc_diffs(ref: dict[Cell, float], rows: list[dict]) -> dict[Cell, float]:
@@ -230,10 +230,10 @@ def diff_summary(diffs: dict[Cell, float]) -> dict[str, dict]:
 
 def bench_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                 families: np.ndarray, folds: int = 5, seed: int = 0, *,
-                baseline_threads: int | None = 1) -> dict:
+                control_families: Sequence[str] = (), baseline_threads: int | None = 1) -> dict:
     """Time `run_sweep(..., n_boot=0)` against `sklearn_loop` on the same data and folds.
 
-    Both compute the same AUROCs (main, shuffled-label and random controls, swapped family, generalisation
+    Both compute the same AUROCs (main, shuffled-label and random controls, control families, generalisation
     matrix); the sweep also refits the final directions, so the ratio is conservative. run_sweep is
     single-threaded; the loop's BLAS gets `baseline_threads` threads (1 = like for like; None = library
     default, which on a busy machine can be many times slower).
@@ -245,10 +245,11 @@ def bench_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.
     from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
-    res = run_sweep(features, labels, groups, families, folds=folds, n_boot=0, seed=seed)
+    res = run_sweep(features, labels, groups, families, folds=folds, n_boot=0, seed=seed,
+                    control_families=control_families)
     t1 = time.perf_counter()
     with threadpool_limits(limits=baseline_threads):
-        ref = sklearn_loop(features, labels, groups, families, folds, seed)
+        ref = sklearn_loop(features, labels, groups, families, folds, seed, control_families=control_families)
     t2 = time.perf_counter()
     diff = max(auroc_diffs(ref.aurocs, res.rows).values())
     return {"sweep_s": t1 - t0, "sklearn_loop_s": t2 - t1, "sweep_speedup": (t2 - t1) / (t1 - t0),

@@ -13,14 +13,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from afprobe.errors import BadInput
-from afprobe.fsio import PathLike, atomic_write_bytes, inside, safe_name
+from afprobe.fsio import PathLike, atomic_write_bytes, safe_name
 
 SUFFIX = ".safetensors"
-
-
-def direction_filename(layer: int, site: str, position: str, method: str) -> str:
-    """Safe file name for one direction, e.g. 'L012_resid_post_last_logreg.safetensors'."""
-    return safe_name(f"L{int(layer):03d}_{site}_{position}_{method}{SUFFIX}", "direction file name")
 
 
 def save_direction(path: PathLike, direction: np.ndarray, metadata: Mapping[str, Any]) -> Path:
@@ -43,37 +38,22 @@ def save_direction(path: PathLike, direction: np.ndarray, metadata: Mapping[str,
 def load_direction(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """(direction [d] float32, metadata with values JSON-decoded); BadInput naming the file if it is
     missing, unreadable or not a direction file."""
-    from safetensors.numpy import load
+    from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"direction file {path} does not exist")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"direction file {path} does not exist") from None
+        with safe_open(str(path), framework="numpy") as fh:
+            raw = fh.metadata() or {}
+            vec = fh.get_tensor("direction") if "direction" in fh.keys() else None
     except OSError as exc:
         raise BadInput(f"cannot read direction file {path}: {exc.strerror}") from None
-    try:
-        tensors = load(data)
-        n = int.from_bytes(data[:8], "little")
-        raw = json.loads(data[8: 8 + n]).get("__metadata__") or {}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers and data
         raise BadInput(f"direction file {path} is corrupt or not safetensors ({type(exc).__name__})") from None
-    vec = tensors.get("direction")
     if vec is None or vec.ndim != 1:
         raise BadInput(f"direction file {path} has no 1-d 'direction' tensor")
     return vec, {k: _decode(v) for k, v in raw.items()}
-
-
-def save_directions(folder: PathLike, directions: Mapping[tuple[int, str, str, str], tuple[np.ndarray, float]],
-                    metadata: Mapping[str, Any]) -> list[Path]:
-    """Write every (layer, site, position, method) -> (direction, separation) of a sweep into folder,
-    adding layer, site, position, method and separation to the shared metadata. Returns the paths."""
-    out = []
-    for (layer, site, position, method), (vec, sep) in directions.items():
-        meta = {**metadata, "layer": int(layer), "site": site, "position": position, "method": method,
-                "separation": float(sep)}
-        out.append(save_direction(inside(folder, direction_filename(layer, site, position, method)), vec, meta))
-    return out
 
 
 def _decode(v: str) -> Any:

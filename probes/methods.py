@@ -56,11 +56,18 @@ def chol_solve(L: Tensor, B: Tensor) -> Tensor:
 # batched cores
 
 
+def _rows_dot(c: Tensor, X: Tensor) -> Tensor:
+    """sum_m c[..., m] X[..., m, :] -> [..., d]. When X is shared by several label sets (a size-1 batch
+    dim that c fills), einsum does one matrix product where `c.unsqueeze(-2) @ X` would first copy X once
+    per label set (measured 300x slower for 50 label sets)."""
+    return torch.einsum("...m,...md->...d", c, X)
+
+
 def _class_stats(X: Tensor, y: Tensor, w: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
     """Weight [..., m], count [...] and mean [..., d] of class c."""
     wc = w * (y == c)
     nc = wc.sum(-1)
-    mean = (wc.unsqueeze(-2) @ X).squeeze(-2) / nc.clamp_min(_TINY).unsqueeze(-1)
+    mean = _rows_dot(wc, X) / nc.clamp_min(_TINY).unsqueeze(-1)
     return wc, nc, mean
 
 
@@ -293,7 +300,7 @@ def logreg_core(X: Tensor, y: Tensor, w: Tensor, inner: Tensor | None = None,
         best = torch.argmin(ll.mean(-2), dim=-1)  # first minimum = smallest C
     lam = s2 / cs_t[best]
     a, _ = logreg_dual(K, y, w, lam)
-    return (a.unsqueeze(-2) @ Xc).squeeze(-2)
+    return _rows_dot(a, Xc)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,7 +311,7 @@ def finish(W: Tensor, X: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor, 
     """Unit directions [..., d] oriented so class 1 projects higher on the training rows, with
     separation (mean projection class 1 - class 0) [...] and midpoint threshold [...]."""
     u = W / W.norm(dim=-1, keepdim=True).clamp_min(_TINY)
-    proj = (X @ u.unsqueeze(-1)).squeeze(-1)  # [..., m]
+    proj = torch.einsum("...md,...d->...m", X, u)  # [..., m]; einsum: see _rows_dot
     w1, w0 = w * (y == 1), w * (y == 0)
     m1 = (w1 * proj).sum(-1) / w1.sum(-1).clamp_min(_TINY)
     m0 = (w0 * proj).sum(-1) / w0.sum(-1).clamp_min(_TINY)
@@ -420,3 +427,15 @@ def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
     if not np.isfinite(X).all():
         raise BadInput("X contains NaN or inf")
     return torch.as_tensor(X, dtype=DTYPE), torch.as_tensor(y, dtype=DTYPE)
+
+
+def fit_directions(features: dict[tuple, np.ndarray], labels: np.ndarray, groups: np.ndarray, rows: np.ndarray,
+                   targets: list[tuple[tuple, str]], seed: int = 0) -> dict[tuple[tuple, str], tuple[np.ndarray, float]]:
+    """Final directions for (key, method) targets, each fitted on the selected rows [n] bool of features[key]
+    [n, d]: {(key, method): (unit direction [d] float64, separation)}."""
+    out = {}
+    for key, method in targets:
+        probe = LogisticCV(seed=seed) if method == "logreg" else METHODS[method]()
+        probe.fit(np.asarray(features[key])[rows], np.asarray(labels)[rows], np.asarray(groups)[rows])
+        out[(key, method)] = (probe.direction_, probe.separation_)
+    return out

@@ -43,12 +43,3 @@ def fold_ids(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
         group_fold[g] = f
         load[f] += sizes[g]
     return group_fold[inv]
-
-
-def grouped_kfold(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k (train_idx, test_idx) pairs of sorted row indices; no group is split across a pair.
-
-    Passing `np.arange(n)` as groups gives an ordinary (ungrouped) row-level k-fold.
-    """
-    fid = fold_ids(groups, k, seed)
-    return [(np.flatnonzero(fid != f), np.flatnonzero(fid == f)) for f in range(k)]

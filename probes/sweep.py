@@ -5,8 +5,9 @@ direction is fitted on the main families' training rows and scores every held-ou
 fold's midpoint threshold); pooled out-of-fold scores give AUROC (bootstrap CI over queries) and
 accuracy. The same pipeline runs with labels permuted across the main rows (shuffled control), a
 seeded random unit direction is scored the same way (random control), each family is also trained on
-alone and tested on every family (generalisation matrix), and the main-trained folds score the
-swapped-semantics family.
+alone and tested on every family (generalisation matrix), and the main-trained folds score each control
+family. Main families are all but the control families the caller names. These controls are single
+draws and the best cell is the plain argmax; probes/selection.py gives the selection-aware statistics.
 
 Speed: keys of equal width are stacked and every key, outer fold and label set goes through one batched
 call of the method cores (true and shuffled labels share one gather of the rows and one Gram matrix);
@@ -14,8 +15,6 @@ the cores block the work so each block stays in cache. Everything runs single-th
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 
 from afprobe.errors import BadInput
-from afprobe.fsio import atomic_write_text
 from afprobe.probes.methods import DEFAULT_CS, DTYPE, METHODS, LogisticCV, Probe, finish, single_thread
 from afprobe.probes.metrics import auroc_ci_batch, bootstrap_weights, weighted_auroc
 from afprobe.probes.splits import derive_seed, fold_ids, inner_fold_seed
@@ -38,20 +36,21 @@ ALL = "all"
 _MEM_BUDGET = 512 * 2**20  # bytes of float64 temporaries per chunk of keys
 
 
-def main_family_mask(families: np.ndarray, swapped_family: str | None) -> np.ndarray:
-    """[n] bool: rows of every family except the swapped one (all rows if nothing else is left)."""
-    families = np.asarray(families)
-    main = families != swapped_family
-    return main if main.any() else np.ones(len(families), dtype=bool)
+def main_family_mask(families: np.ndarray, control_families: Sequence[str] = ()) -> np.ndarray:
+    """[n] bool: rows of every family except the control families.
 
-
-def verdict(auroc: float) -> str:
-    """Swapped-semantics verdict: the direction follows the 'meaning' (>= 0.6) or the 'token' (<= 0.4)."""
-    if auroc >= 0.6:
-        return "meaning"
-    if auroc <= 0.4:
-        return "token"
-    return "unclear"
+    A family is a control because the caller names it, never because of its name. Every control family
+    must occur in `families` [n], and at least one family must be left."""
+    families = np.asarray(families).astype(str)
+    controls = [str(c) for c in control_families]
+    missing = sorted(set(controls) - set(families.tolist()))
+    if missing:
+        raise BadInput(f"control families {missing} do not occur in the data (families: "
+                       f"{sorted(set(families.tolist()))})")
+    main = ~np.isin(families, controls)
+    if not main.any():
+        raise BadInput(f"every cue family is a control ({controls}): no main rows left to fit on")
+    return main
 
 
 @dataclass
@@ -60,29 +59,8 @@ class SweepResult:
     best: dict  # layer, site, position, method, auroc, auroc_ci [lo, hi], accuracy
     controls: dict  # shuffled_auroc, random_auroc at the best key and method
     generalization: dict[str, dict[str, float]]  # train family -> test family -> AUROC (best)
-    swapped: dict | None  # {"family", "auroc", "verdict"} at the best key and method
+    controls_by_family: dict[str, dict]  # control family -> {"auroc", "auroc_ci"}: main-trained, best cell
     directions: dict[DirKey, tuple[np.ndarray, float]] = field(default_factory=dict)  # refit on main
-
-    def to_summary(self) -> dict:
-        """The summary.json "probe" section."""
-        return _jsonable({"best": self.best, "controls": self.controls,
-                          "generalization": self.generalization, "swapped": self.swapped})
-
-    def metrics_csv(self) -> str:
-        buf = io.StringIO()
-        wr = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
-        wr.writeheader()
-        for r in self.rows:
-            wr.writerow({k: ("" if _isnan(r[k]) else r[k]) for k in ROW_FIELDS})
-        return buf.getvalue()
-
-    def write_metrics_csv(self, path: str) -> None:
-        """Write rows atomically as CSV (NaN as an empty cell)."""
-        atomic_write_text(path, self.metrics_csv())
-
-
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,7 +89,8 @@ class _Plan(NamedTuple):
 
 def _plan(train: np.ndarray, ys: np.ndarray, groups: np.ndarray, inner_k: int,
           inner_seeds: Sequence[int]) -> _Plan:
-    """train: [F, S, n] bool; ys: [S, n] labels; inner_seeds: one per fold."""
+    """train: [F, S, n] bool; ys: [S, n] labels; inner_seeds: one per fold. inner_k 0: no inner-CV masks
+    (only logistic regression uses them; the others then need no minimum number of queries per fold)."""
     F, S, n = train.shape
     m = int(train.sum(-1).max())
     idx = np.zeros((F, S, m), dtype=np.int64)
@@ -121,8 +100,9 @@ def _plan(train: np.ndarray, ys: np.ndarray, groups: np.ndarray, inner_k: int,
         for s in range(S):
             rows = np.flatnonzero(train[f, s])
             idx[f, s, : len(rows)], w[f, s, : len(rows)] = rows, 1.0
-            fid = fold_ids(groups[rows], inner_k, inner_seeds[f])
-            inner[f, s, :, : len(rows)] = fid[None, :] != np.arange(inner_k)[:, None]
+            if inner_k:
+                fid = fold_ids(groups[rows], inner_k, inner_seeds[f])
+                inner[f, s, :, : len(rows)] = fid[None, :] != np.arange(inner_k)[:, None]
     y = np.take_along_axis(np.broadcast_to(ys, (F, S, n)), idx, axis=-1)
     shared = bool((train == train[:, :1]).all())
     return _Plan(torch.as_tensor(idx), torch.as_tensor(w, dtype=DTYPE), torch.as_tensor(y, dtype=DTYPE),
@@ -155,25 +135,27 @@ def _chunk_size(n_keys: int, plan_shapes: list[tuple[int, ...]], d: int) -> int:
 def run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray,
               families: np.ndarray, *, methods: Sequence[str] = ("diff_means", "logreg", "lda"),
               folds: int = 5, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-              swapped_family: str | None = "swapped_tier", inner_folds: int = 3,
+              control_families: Sequence[str] = (), inner_folds: int = 3,
               cs: Sequence[float] = DEFAULT_CS, refit: str = "layers") -> SweepResult:
-    """Grouped k-fold probe sweep with controls, generalisation matrix and swapped-semantics check.
+    """Grouped k-fold probe sweep with controls, generalisation matrix and control-family scores.
 
     features: {(layer, site, position): [n, d] float16/float32}; labels: [n] 1 = training (by meaning);
-    groups: [n] query ids; families: [n] cue family names. Main families = all but `swapped_family`.
+    groups: [n] query ids; families: [n] cue family names. Main families = all but `control_families`
+    (e.g. the swapped-semantics family); fitting uses main rows only and the main-trained folds score
+    each control family's rows.
     refit: "best" | "layers" (best method at the best site/position, every layer) | "all" — which
     final directions are refitted on all main-family rows.
     Runs single-threaded (torch), which is much faster than contended threads on a shared machine.
     """
     with single_thread():
         return _run_sweep(features, labels, groups, families, methods=methods, folds=folds, n_boot=n_boot,
-                          ci=ci, seed=seed, swapped_family=swapped_family, inner_folds=inner_folds, cs=cs,
+                          ci=ci, seed=seed, control_families=control_families, inner_folds=inner_folds, cs=cs,
                           refit=refit)
 
 
 def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray, families: np.ndarray,
                *, methods: Sequence[str], folds: int, n_boot: int, ci: float, seed: int,
-               swapped_family: str | None, inner_folds: int, cs: Sequence[float], refit: str) -> SweepResult:
+               control_families: Sequence[str], inner_folds: int, cs: Sequence[float], refit: str) -> SweepResult:
     labels, groups, families = (np.asarray(a) for a in (labels, groups, families))
     keys = _check_inputs(features, labels, groups, families, methods, refit)
     if not 0 < ci < 1 or n_boot < 0:
@@ -182,11 +164,11 @@ def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.n
     groups, families = groups.astype(str), families.astype(str)
     probes = {m: (LogisticCV(cs=cs, inner_folds=inner_folds, seed=seed) if m == "logreg" else METHODS[m]())
               for m in methods}
-    main = main_family_mask(families, swapped_family)
+    main = main_family_mask(families, control_families)
     if len(np.unique(labels[main])) < 2:
         raise BadInput("labels of the main cue families must contain both 0 and 1")
     fams = list(dict.fromkeys(families.tolist()))
-    swapped = swapped_family if swapped_family in fams and not main.all() else None
+    controls = [a for a in fams if not main[families == a].any()]
     fid = fold_ids(groups, folds, seed)
     y_shuf = labels.copy()
     y_shuf[main] = np.random.default_rng(derive_seed(seed, 2)).permutation(labels[main])
@@ -194,11 +176,12 @@ def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.n
     tr_fold = fid[None, :] != np.arange(folds)[:, None]  # [F, n]
 
     # label sets: main rows with true and shuffled labels; each family alone (unless it is the main set)
-    main_plan = _plan(np.stack([tr_fold & main] * 2, 1), np.stack([labels, y_shuf]), groups, inner_folds,
+    inner_k = inner_folds if "logreg" in methods else 0
+    main_plan = _plan(np.stack([tr_fold & main] * 2, 1), np.stack([labels, y_shuf]), groups, inner_k,
                       inner_seeds)
     fam_sets = [a for a in fams if len(fams) > 1 and not np.array_equal(families == a, main)]
     fam_plan = (_plan(np.stack([tr_fold & (families == a) for a in fam_sets], 1),
-                      np.stack([labels] * len(fam_sets)), groups, inner_folds, inner_seeds)
+                      np.stack([labels] * len(fam_sets)), groups, inner_k, inner_seeds)
                 if fam_sets else None)
 
     K, M = len(keys), len(methods)
@@ -224,15 +207,18 @@ def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.n
             rnd[ids] = _random_control(X, r_dir[d], labels, main, tr_fold, fid)
 
     rows, best_i = _score_rows(keys, methods, oof, rnd, labels, y_shuf, groups, families, main, fams,
-                               fam_sets, swapped, n_boot, ci, seed)
+                               fam_sets, controls, n_boot, ci, seed)
     best_row = rows[best_i]
     bk, bm = (best_row["layer"], best_row["site"], best_row["position"]), best_row["method"]
     gen = {r["train_family"]: {} for r in rows if r["train_family"] != ALL}
+    by_control: dict[str, dict] = {}
     for r in rows:
-        if r["train_family"] != ALL and (r["layer"], r["site"], r["position"], r["method"]) == (*bk, bm):
+        if (r["layer"], r["site"], r["position"], r["method"]) != (*bk, bm):
+            continue
+        if r["train_family"] != ALL:
             gen[r["train_family"]][r["test_family"]] = r["auroc"]
-    sw = next((r for r in rows if r["train_family"] == ALL and r["test_family"] == swapped
-               and (r["layer"], r["site"], r["position"], r["method"]) == (*bk, bm)), None)
+        elif r["test_family"] in controls:
+            by_control[r["test_family"]] = {"auroc": r["auroc"], "auroc_ci": [r["auroc_lo"], r["auroc_hi"]]}
     directions = _refit(features, keys, probes, labels, groups, main, bk, bm, refit, inner_folds,
                         inner_fold_seed(seed, folds))
     return SweepResult(
@@ -241,7 +227,7 @@ def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.n
               "auroc_ci": [best_row["auroc_lo"], best_row["auroc_hi"]], "accuracy": best_row["accuracy"]},
         controls={"shuffled_auroc": best_row["shuffled_auroc"], "random_auroc": best_row["random_auroc"]},
         generalization=gen,
-        swapped=None if sw is None else {"family": swapped, "auroc": sw["auroc"], "verdict": verdict(sw["auroc"])},
+        controls_by_family=by_control,
         directions=directions)
 
 
@@ -269,7 +255,7 @@ def _random_control(X: Tensor, r: Tensor, labels: np.ndarray, main: np.ndarray, 
 
 def _score_rows(keys: list[Key], methods: Sequence[str], oof: np.ndarray, rnd: np.ndarray,
                 labels: np.ndarray, y_shuf: np.ndarray, groups: np.ndarray, families: np.ndarray,
-                main: np.ndarray, fams: list[str], fam_sets: list[str], swapped: str | None,
+                main: np.ndarray, fams: list[str], fam_sets: list[str], controls: list[str],
                 n_boot: int, ci: float, seed: int) -> tuple[list[dict], int]:
     """metrics.csv rows and the index of the best (all, all) row."""
     K, M, _, n = oof.shape
@@ -291,8 +277,8 @@ def _score_rows(keys: list[Key], methods: Sequence[str], oof: np.ndarray, rnd: n
     score = np.nan_to_num(main_stats[0], nan=-np.inf)
     best_i = int(np.argmax(score))
     extra: dict[tuple[str, str], tuple] = {}
-    if swapped is not None:
-        extra[(ALL, swapped)] = stats(flat[:, 0], families == swapped, labels, True)
+    for c in controls:
+        extra[(ALL, c)] = stats(flat[:, 0], families == c, labels, True)
     if len(fams) > 1:
         for a in fams:
             for b in fams:
@@ -328,7 +314,8 @@ def _refit(features: dict[Key, np.ndarray], keys: list[Key], probes: dict[str, P
         targets = [(k, best_method) for k in keys if k[1:] == best_key[1:]]
     else:
         targets = [(best_key, best_method)]
-    plan = _plan(main[None, None], labels[None], groups, inner_folds, [inner_seed])
+    plan = _plan(main[None, None], labels[None], groups, inner_folds if any(t[1] == "logreg" for t in targets) else 0,
+                 [inner_seed])
     out: dict[DirKey, tuple[np.ndarray, float]] = {}
     for m in dict.fromkeys(t[1] for t in targets):
         mk = [k for k, mm in targets if mm == m]

@@ -49,9 +49,9 @@ def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     assert ps["shape"]["d"] == 64 and ps["shape"]["methods"] == ["diff_means", "logreg", "lda"]
     assert ps["sweep_s"] > 0 and ps["sklearn_loop_s_measured"] > 0
     assert data["probe_max_auroc_diff"] < 0.01
-    pm = d["probe_max_auroc_diff"]  # 2 keys x 3 methods x (main, shuffled, random, swapped, 3 x 3 families)
+    pm = d["probe_max_auroc_diff"]  # 2 keys x 3 methods x (main, shuffled, random, control, 3 x 3 families)
     assert pm["n_compared"] == 2 * 3 * 13
-    assert {k: v["n"] for k, v in pm["per_kind"].items()} == {"main": 6, "shuffled": 6, "random": 6, "swapped": 6,
+    assert {k: v["n"] for k, v in pm["per_kind"].items()} == {"main": 6, "shuffled": 6, "random": 6, "control": 6,
                                                               "family": 54}
     assert 0 < ps["main_only"]["sklearn_loop_s_measured"] < ps["sklearn_loop_s_measured"]
     table = capsys.readouterr().out

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from afprobe.analysis.compliance import (
-    ACCEPT_TAG, REJECT_TAG, accept_probability, answer_text, complied, log_odds, log_odds_gap,
+    ACCEPT_TAG, REJECT_TAG, answer_text, complied, log_odds, log_odds_gap,
     log_odds_summary, refusal_score, score, tag_score,
 )
 
@@ -73,9 +73,6 @@ def test_log_odds() -> None:
     assert log_odds(-3.0, -1.0) == pytest.approx(-2.0)
     assert log_odds(-math.inf, -1.0) == -math.inf
     assert math.isnan(log_odds(-math.inf, -math.inf))
-    assert accept_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
-    assert accept_probability(-1000.0, 0.0) == pytest.approx(0.0)
-    assert accept_probability(0.0, -1000.0) == pytest.approx(1.0)
 
 
 def test_log_odds_summaries() -> None:

@@ -30,3 +30,13 @@ def test_default_runs_on_the_embedded_model():
     cfg = load_config(CONFIGS[[p.name for p in CONFIGS].index("default.yaml")])
     assert cfg.model.spec == "smollm2-135m-instruct"
     assert len(cfg.steering.alphas) >= 5 and 0 in cfg.steering.alphas
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_headline_and_steering_direction_never_come_from_cue_tokens_or_layer_0(path):
+    """Cue-token positions separate the cues by token identity (AUROC 1 even at layer 0): no shipped config
+    lets them, or layer 0, become the best cell that is reported and steered along."""
+    cfg = load_config(path)
+    assert cfg.probes.best_positions == ["last"] and cfg.probes.min_best_layer >= 1
+    if cfg.scenario.form == "scratchpad":
+        assert cfg.steering.scorer == "tag"  # log-odds at the answer start cannot score a reasoned answer

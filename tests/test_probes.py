@@ -9,11 +9,11 @@ import pytest
 
 from afprobe.errors import BadInput
 from afprobe.probes.bench import bench_sweep, synthetic_features
-from afprobe.probes.directions import direction_filename, load_direction, save_direction, save_directions
+from afprobe.probes.directions import load_direction, save_direction
 from afprobe.probes.methods import LDA, METHODS, DiffMeans, LogisticCV
 from afprobe.probes.metrics import auroc, auroc_ci, bootstrap_weights, weighted_auroc
-from afprobe.probes.splits import fold_ids, grouped_kfold
-from afprobe.probes.sweep import run_sweep, verdict
+from afprobe.probes.splits import fold_ids
+from afprobe.probes.sweep import ROW_FIELDS, main_family_mask, run_sweep
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,18 +68,17 @@ def test_method_input_errors():
 # ---------------------------------------------------------------------------------------- splits
 
 
-def test_grouped_kfold_keeps_queries_together():
+def test_grouped_folds_keep_queries_together():
     groups = np.repeat([f"q{i}" for i in range(23)], 2)
-    splits = grouped_kfold(groups, 5, seed=3)
-    seen = np.concatenate([te for _, te in splits])
-    assert sorted(seen.tolist()) == list(range(46))  # each row held out exactly once
-    for tr, te in splits:
-        assert not set(groups[tr]) & set(groups[te])
-        assert abs(len(te) - 46 / 5) <= 2
+    fid = fold_ids(groups, 5, seed=3)
+    assert sorted(set(fid.tolist())) == list(range(5))  # each row held out exactly once
+    for f in range(5):
+        assert not set(groups[fid == f]) & set(groups[fid != f])
+        assert abs((fid == f).sum() - 46 / 5) <= 2
     assert np.array_equal(fold_ids(groups, 5, 3), fold_ids(groups, 5, 3))
     assert not np.array_equal(fold_ids(groups, 5, 3), fold_ids(groups, 5, 4))
     with pytest.raises(BadInput):
-        grouped_kfold(groups, 24, seed=0)
+        fold_ids(groups, 24, seed=0)
 
 
 def test_grouped_split_defeats_query_memorisation():
@@ -162,51 +161,57 @@ def test_sweep_finds_signal_with_controls_at_chance(small_sweep):
     u, sep = res.directions[(1, "resid_post", "last", best["method"])]
     assert _cos(u, data.direction) > 0.6 and sep > 0  # d = 384 > n = 200: a noisy but clear estimate
     assert {k[0] for k in res.directions} == {0, 1, 2}
-    summary = res.to_summary()
-    assert set(summary) == {"best", "controls", "generalization", "swapped"}
-    assert summary["generalization"] == {"tier": {"tier": best["auroc"]}}
-    assert summary["swapped"] is None
-    json.dumps(summary)
+    assert res.generalization == {"tier": {"tier": best["auroc"]}} and res.controls_by_family == {}
 
 
-def test_sweep_is_deterministic_and_writes_csv(tmp_path):
+def test_sweep_is_deterministic_and_its_rows_fit_the_metrics_schema(tmp_path):
+    from afprobe.analysis.schema import MetricsRow, csv_text, read_rows
+
     data = synthetic_features(20, 2, 16, 1, seed=5, positions=("last",))
     kw = dict(folds=3, n_boot=50, seed=7)
     a = run_sweep(data.features, data.labels, data.groups, data.families, **kw)
     b = run_sweep(data.features, data.labels, data.groups, data.families, **kw)
     assert a.rows == b.rows
     path = tmp_path / "metrics.csv"
-    a.write_metrics_csv(path)
+    path.write_text(csv_text([MetricsRow(**r) for r in a.rows], MetricsRow))
     lines = path.read_text().splitlines()
-    assert lines[0].split(",") == ["layer", "site", "position", "method", "train_family", "test_family",
-                                   "auroc", "auroc_lo", "auroc_hi", "accuracy", "shuffled_auroc",
-                                   "random_auroc", "n"]
-    assert len(lines) == 1 + len(a.rows)
+    assert lines[0].split(",") == list(ROW_FIELDS) and len(lines) == 1 + len(a.rows)
+    assert [r.model_dump() for r in read_rows(path, MetricsRow)] == [MetricsRow(**r).model_dump() for r in a.rows]
 
 
-@pytest.mark.parametrize("flipped,expected", [((), "meaning"), (("swapped_tier",), "token")])
-def test_generalisation_matrix_and_swapped_verdict(flipped, expected):
+@pytest.mark.parametrize("flipped", [(), ("swapped_tier",)])
+def test_generalisation_matrix_and_control_family(flipped):
     fams = ("tier", "explicit", "swapped_tier")
     data = synthetic_features(40, 1, 24, 0, seed=3, positions=("last",), families=fams, flipped=flipped,
                               signal=2.0)
     res = run_sweep(data.features, data.labels, data.groups, data.families, methods=("diff_means", "lda"),
-                    folds=4, n_boot=100, seed=0)
+                    folds=4, n_boot=100, seed=0, control_families=("swapped_tier",))
     gen = res.generalization
     assert set(gen) == set(fams) and all(set(row) == set(fams) for row in gen.values())
     assert gen["tier"]["explicit"] > 0.9 and gen["explicit"]["tier"] > 0.9
-    assert res.swapped["family"] == "swapped_tier" and res.swapped["verdict"] == expected
-    if expected == "token":
-        assert res.swapped["auroc"] <= 0.4
+    ctrl = res.controls_by_family
+    assert set(ctrl) == {"swapped_tier"}
+    a, (lo, hi) = ctrl["swapped_tier"]["auroc"], ctrl["swapped_tier"]["auroc_ci"]
+    assert lo <= a <= hi
+    if flipped:  # a tag-token detector: the main-trained direction flips on the control family
+        assert hi < 0.5
         assert gen["tier"]["swapped_tier"] < 0.2 and gen["swapped_tier"]["swapped_tier"] > 0.9
     else:
-        assert res.swapped["auroc"] >= 0.6
+        assert lo > 0.5
     # main pooled result excludes the swapped family
     main = next(r for r in res.rows if r["train_family"] == "all" and r["test_family"] == "all")
     assert main["n"] == 40 * 2 * 2
 
 
-def test_verdict_thresholds():
-    assert [verdict(a) for a in (0.6, 0.59, 0.41, 0.4)] == ["meaning", "unclear", "unclear", "token"]
+def test_control_families_are_named_by_the_caller():
+    fams = np.array(["tier", "tier", "swapped_tier", "swapped_tier"])
+    assert main_family_mask(fams).all()  # no control unless named, whatever the family is called
+    assert main_family_mask(fams, ["swapped_tier"]).tolist() == [True, True, False, False]
+    assert main_family_mask(fams, ["tier"]).tolist() == [False, False, True, True]
+    with pytest.raises(BadInput, match="do not occur"):
+        main_family_mask(fams, ["explicit"])
+    with pytest.raises(BadInput, match="every cue family"):
+        main_family_mask(fams, ["tier", "swapped_tier"])
 
 
 def test_sweep_input_errors():
@@ -227,14 +232,11 @@ def test_direction_round_trip(tmp_path):
     vec = np.random.default_rng(0).normal(size=32)
     meta = {"model": "abc123", "layer": 7, "site": "resid_post", "position": "last", "method": "lda",
             "separation": 1.25, "config_hash": "deadbeef", "extra": {"a": [1, 2]}}
-    path = tmp_path / direction_filename(7, "resid_post", "last", "lda")
+    path = tmp_path / "layer7.safetensors"
     save_direction(path, vec, meta)
     got, got_meta = load_direction(path)
     assert got.dtype == np.float32 and np.allclose(got, vec, atol=1e-6)
     assert got_meta == meta
-    paths = save_directions(tmp_path / "dirs", {(3, "resid_post", "cue", "logreg"): (vec, 0.5)}, {"model": "m"})
-    v2, m2 = load_direction(paths[0])
-    assert m2["layer"] == 3 and m2["separation"] == 0.5 and m2["model"] == "m"
 
 
 def test_direction_bad_files(tmp_path):
@@ -263,7 +265,9 @@ def test_direction_bad_files(tmp_path):
 def test_bench_sweep_agrees_with_sklearn(families):
     data = synthetic_features(20, 2, 12, 1, seed=4, positions=("last",), signal=1.0, families=families,
                               flipped=("swapped_tier",))
-    out = bench_sweep(data.features, data.labels, data.groups, data.families, folds=3, seed=0)
+    controls = [f for f in families if f == "swapped_tier"]
+    out = bench_sweep(data.features, data.labels, data.groups, data.families, folds=3, seed=0,
+                      control_families=controls)
     assert set(out) == {"sweep_s", "sklearn_loop_s", "sweep_speedup", "max_auroc_diff"}
     assert out["max_auroc_diff"] <= 0.01
     assert out["sweep_s"] > 0 and out["sklearn_loop_s"] > 0

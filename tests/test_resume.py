@@ -24,7 +24,7 @@ seed: 3
 scenario: {cue_families: [tier_tag, explicit]}
 queries: {limit: 10}
 cache: {layers: [0, 14, 29], positions: [last, cue], shard_prompts: 2, batch_tokens: 600}
-probes: {folds: 2, bootstrap: 50, methods: [diff_means, logreg]}
+probes: {folds: 2, bootstrap: 50, methods: [diff_means, logreg], permutations: 40, random_directions: 20}
 steering: {alphas: [-1.0, 0.0, 1.0], n_queries: 4, max_new_tokens: 4, controls: [random], batch_size: 2, mode: both}
 """
 
@@ -101,8 +101,9 @@ def _check_both_modes_and_families(run: Path) -> None:
     with (run / "steering" / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["direction"], r["mode"]) for r in rows} == {(d, m) for d in ("probe", "random") for m in ("same", "cross")}
+    assert {r["replicate"] for r in rows if r["direction"] == "random"} == {"0", "1", "2"}  # steering.n_random 3
     zero = [r for r in rows if float(r["alpha"]) == 0]
-    assert len(zero) == 4 and len({(r["gap"], r["logodds_gap"]) for r in zero}) == 1
+    assert len(zero) == 2 + 2 * 3 and len({(r["gap"], r["logodds_gap"]) for r in zero}) == 1
     parts = {p.name for p in (run / "steering" / "parts").glob("*.jsonl")}
     assert not [p for p in parts if ".cross." in p and "a+0.000" in p]  # alpha 0 computed once
     summary = json.loads((run / "summary.json").read_text())
@@ -111,8 +112,13 @@ def _check_both_modes_and_families(run: Path) -> None:
     other = [json.loads(x) for x in (run / "steering" / "parts" / "unsteered.other_families.jsonl").read_text().splitlines()]
     assert sorted((r["family"], r["condition"]) for r in other) == sorted([("explicit", c) for c in ("training", "deployment")] * 4)
     assert np.isfinite(summary["compliance_by_family"]["explicit"]["log_odds"]["gap"])
-    assert {c["mode"] for c in summary["steering_checks"]} == {"same", "cross"}
-    assert "Monotonicity check (cross mode" in (run / "report" / "report.md").read_text()
+    best = summary["probe"]["best"]  # the cache holds last and cue positions at layers 0, 14, 29
+    assert best["position"] == "last" and best["layer"] >= 1 and best["n_cells"] == 2 * 2  # 2 layers x 2 methods
+    checks = summary["steering"]["checks"]
+    assert {c["mode"] for c in checks} == {"same", "cross"} and all(c["n_random"] == 3 for c in checks)
+    assert all(c["effect_diff_ci"][0] <= c["effect_diff"] <= c["effect_diff_ci"][1] for c in checks)
+    assert summary["steering"]["selection"] == "in_sample"  # 10 cached queries: too few to hold any out
+    assert "Steering, cross mode, layer" in (run / "report" / "report.md").read_text()
 
 
 def test_rerun_redoes_only_what_changed(tmp_path):

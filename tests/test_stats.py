@@ -54,20 +54,40 @@ def _pairs(b: int, c: int, both: int, neither: int) -> tuple[list, list]:
 
 def test_paired_gap_hand_case() -> None:
     train, deploy = _pairs(b=8, c=2, both=5, neither=5)
-    g = stats.paired_gap(train + [None], deploy + [1], n_boot=2000, seed=3)
+    g = stats.paired_gap(train + [None], deploy + [1])
     assert g["gap"] == pytest.approx((8 - 2) / 20)
     assert g["discordant"] == [8, 2] and g["n_pairs"] == 20 and g["unparsed_pairs"] == 1
     assert g["p_value"] == pytest.approx(0.109375)
     assert g["rate_training"] == pytest.approx(13 / 20) and g["rate_deployment"] == pytest.approx(7 / 20)
-    assert g["ci"][0] < g["gap"] < g["ci"][1]
-    assert g == stats.paired_gap(train + [None], deploy + [1], n_boot=2000, seed=3)  # deterministic
+    assert g["rate_training_ci"] == pytest.approx(list(stats.wilson_ci(13, 20)))
+    # p >= 0.05, so the interval reaches 0 (Newcombe alone would give the same here: it covers 0 already)
+    assert g["ci"][0] <= 0 < g["gap"] < g["ci"][1]
 
 
-def test_paired_gap_identical_conditions() -> None:
+def test_paired_gap_identical_conditions_has_width() -> None:
     x = np.array([1, 0, 1, np.nan, 0, 1, 1])
-    g = stats.paired_gap(x, x.copy(), n_boot=500, seed=0)
-    assert g["gap"] == 0.0 and g["ci"] == [0.0, 0.0] and g["p_value"] == 1.0
-    assert g["discordant"] == [0, 0] and g["n_pairs"] == 6
+    g = stats.paired_gap(x, x.copy())
+    assert g["gap"] == 0.0 and g["p_value"] == 1.0 and g["discordant"] == [0, 0] and g["n_pairs"] == 6
+    assert g["ci"][0] < 0 < g["ci"][1]  # never a zero-width interval for a finite sample
+    for all_same in ([1] * 10, [0] * 10):
+        g = stats.paired_gap(all_same, all_same)
+        assert g["ci"][0] < 0 < g["ci"][1]
+
+
+def test_gap_interval_agrees_with_exact_mcnemar() -> None:
+    """The reviewer's case: 4 vs 0 discordant pairs, p = 0.125: the interval must include 0."""
+    g = stats.gap_from_table(a=40, b=4, c=0, d=6)
+    assert g["p_value"] == pytest.approx(0.125) and g["ci"][0] <= 0 < g["ci"][1]
+    assert stats._newcombe(40, 4, 0, 6, 0.95)[0] > 0  # Newcombe alone would have excluded 0
+    # every 2x2 table with n <= 24: the interval excludes 0 exactly when the exact test rejects, and has width
+    for n in range(1, 25):
+        for a in range(n + 1):
+            for b in range(n + 1 - a):
+                for c in range(n + 1 - a - b):
+                    g = stats.gap_from_table(a, b, c, n - a - b - c)
+                    excludes = g["ci"][0] > 0 or g["ci"][1] < 0
+                    assert excludes == (g["p_value"] < 0.05), (a, b, c, n)
+                    assert g["ci"][1] - g["ci"][0] > 0 and g["ci"][0] <= g["gap"] <= g["ci"][1]
 
 
 def test_paired_gap_edge_cases() -> None:
@@ -77,14 +97,17 @@ def test_paired_gap_edge_cases() -> None:
         stats.paired_gap([1, 0], [1])
 
 
-def test_multinomial_bootstrap_matches_index_resampling() -> None:
-    train, deploy = _pairs(b=12, c=4, both=10, neither=14)
-    g = stats.paired_gap(train, deploy, n_boot=20000, seed=1)
-    d = np.array(train, float) - np.array(deploy, float)
-    rng = np.random.default_rng(2)
-    boot = d[rng.integers(0, d.size, size=(20000, d.size))].mean(axis=1)
-    ref = np.quantile(boot, [0.025, 0.975])
-    assert g["ci"] == pytest.approx(ref, abs=0.026)  # one pair = 0.025
+def test_holm() -> None:
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = stats.holm([0.5, float("nan"), 0.01])
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+    assert stats.holm([0.9, 0.8]) == [1.0, 1.0]  # 2 x 0.8 capped at 1; monotone
+
+
+def test_mcnemar_paired() -> None:
+    before, after = [0, 0, 0, 0, 1, None], [1, 1, 1, 1, 1, 0]
+    m = stats.mcnemar_paired(before, after)
+    assert m["discordant"] == [4, 0] and m["n_pairs"] == 5 and m["p_value"] == pytest.approx(0.125)
 
 
 def test_newcombe_paired() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from afprobe.activations.backends.base import SITES, Backend, ModelInputs, ResidualEdit, SiteKey, project_out
+from afprobe.activations.backends.base import SITES, Backend, ModelInputs, ResidualEdit, SiteKey, pool, project_out
 from afprobe.errors import BadInput
 
 BACKENDS = ("nnsight", "transformer_lens")
@@ -21,4 +21,4 @@ def make_backend(name: str, model: Any, tokenizer: Any) -> Backend:
     raise BadInput(f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})")
 
 
-__all__ = ["SITES", "Backend", "ModelInputs", "ResidualEdit", "SiteKey", "make_backend", "project_out"]
+__all__ = ["SITES", "Backend", "ModelInputs", "ResidualEdit", "SiteKey", "make_backend", "pool", "project_out"]

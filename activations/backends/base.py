@@ -68,17 +68,31 @@ class ResidualEdit:
             raise ValueError(f"unknown residual site {self.site!r} (known: {', '.join(SITES)})")
 
     def prompt_delta(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[b, t, d] addition for a forward over `hidden` ([b, t, d]): masked on the prompt pass."""
-        add = self.add.to(hidden.dtype)[:, None, :]
+        """[b, t, d] float32 addition for a forward over `hidden` ([b, t, d]), on `hidden`'s device (the
+        layer's, under a device map): masked on the prompt pass."""
+        add = self.add.to(hidden.device, torch.float32)[:, None, :]
         if self.add_mask is not None and self.add_mask.shape[1] == hidden.shape[1]:
-            return add * self.add_mask.to(hidden.dtype)[:, :, None]
-        return add.expand_as(hidden)
+            return add * self.add_mask.to(hidden.device, torch.float32)[:, :, None]
+        return add.expand(hidden.shape)
+
+    def steer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` ([b, t, d]) plus the addition, in `hidden`'s dtype: summed in float32 and rounded once, so a
+        bf16/fp16 residual gets the float32 direction without rounding the direction first."""
+        return (hidden.float() + self.prompt_delta(hidden)).to(hidden.dtype)
 
 
 def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """hidden - (hidden . u) u, for hidden [..., d] and unit u [d]."""
-    u = unit.to(hidden.dtype)
-    return hidden - (hidden @ u)[..., None] * u
+    """hidden - (hidden . u) u, for hidden [..., d] (any device and dtype) and unit u [d] (float32):
+    computed in float32, returned in hidden's dtype."""
+    u = unit.to(hidden.device, torch.float32)
+    h = hidden.float()
+    return (h - (h @ u)[..., None] * u).to(hidden.dtype)
+
+
+def pool(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Weighted token pools in float32: weights [b, k, t], hidden [b, t, d] (any device, dtype) -> [b, k, d]
+    float32 on hidden's device (a mean over many bf16 tokens is not rounded to bf16)."""
+    return torch.einsum("bkt,btd->bkd", weights.to(hidden.device, torch.float32), hidden.float())
 
 
 @dataclass

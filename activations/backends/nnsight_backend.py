@@ -10,7 +10,7 @@ import torch
 
 from afprobe.activations.attention import split_prefix
 from afprobe.activations.backends.base import (
-    Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, project_out, truncate_at_eos,
+    Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, pool, project_out, truncate_at_eos,
 )
 
 
@@ -32,19 +32,18 @@ def _apply_edit(lm: Any, blocks: Any, adapter: Any, edit: ResidualEdit) -> None:
         if edit.ablate is not None:
             block.input = project_out(block.input, edit.ablate)
         if adding and edit.site == "resid_pre":
-            block.input = block.input + edit.prompt_delta(block.input)
+            block.input = edit.steer(block.input)
         if edit.ablate is not None:
             attn = getattr(block, adapter.attn)
             attn.output = _with_first(attn.output, project_out(_first(attn.output), edit.ablate))
         if adding and edit.site == "resid_mid":
             out = getattr(block, adapter.attn_out_module)
-            out.output = _with_first(out.output, _first(out.output) + edit.prompt_delta(_first(out.output)))
+            out.output = _with_first(out.output, edit.steer(_first(out.output)))
         if edit.ablate is not None:
             mlp = getattr(block, adapter.mlp)
             mlp.output = project_out(mlp.output, edit.ablate)
         if adding and edit.site == "resid_post":
-            hidden = block.output
-            block.output = hidden + edit.prompt_delta(hidden)
+            block.output = edit.steer(block.output)
 
 
 @dataclass
@@ -75,7 +74,7 @@ class NnsightBackend(Backend):
                         hidden = getattr(block, self.adapter.mid_module).input
                     else:
                         hidden = block.output
-                    out[(layer, site)] = torch.einsum("bkt,btd->bkd", weights.to(hidden.dtype), hidden)
+                    out[(layer, site)] = pool(weights, hidden)
                 tracer.stop()
         return dict(out)
 

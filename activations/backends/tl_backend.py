@@ -2,6 +2,8 @@
 
 Booting switches the model to eager attention in place. Compatibility mode (folded norms) is
 never enabled, so directions stay in the HF residual basis shared with the nnsight backend.
+Device maps: sharded across GPUs, or offloaded to CPU / disk, run; a map mixing offload with GPUs is
+refused (exit 2), because TransformerLens 4.3 rejects it.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Any, Iterator, Optional
 import torch
 
 from afprobe.activations.backends.base import (
-    Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, project_out,
+    Backend, ModelInputs, ResidualEdit, SiteKey, generation_config, pool, project_out,
 )
+from afprobe.activations.devices import device_map_of, mixes_offload_and_gpu
+from afprobe.errors import BadInput
 
 _HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post"}
 # Where an addition at each site goes. The bridge's hook_resid_mid is the input of the norm before the
@@ -33,6 +37,11 @@ class TransformerLensBackend(Backend):
         super().__post_init__()
         from transformer_lens.model_bridge import TransformerBridge
 
+        placed = device_map_of(self.model)
+        if placed and mixes_offload_and_gpu(placed):
+            raise BadInput("model.backend transformer_lens cannot run a device_map that mixes CPU/disk offload with "
+                           "GPUs (TransformerLens 4.3 rejects such maps); use model.backend nnsight, or a device_map "
+                           "that keeps every module on GPUs")
         if not getattr(self.model.config, "architectures", None):
             self.model.config.architectures = [type(self.model).__name__]
         side, add_bos = self.tokenizer.padding_side, getattr(self.tokenizer, "add_bos_token", None)
@@ -58,7 +67,7 @@ class TransformerLensBackend(Backend):
                           (f"blocks.{i}.hook_mlp_out", ablate)]
         if edit.add is not None:
             for layer in edit.layers:
-                hooks.append((f"blocks.{layer}.{_ADD_HOOK[edit.site]}", lambda t, hook: t + edit.prompt_delta(t)))
+                hooks.append((f"blocks.{layer}.{_ADD_HOOK[edit.site]}", lambda t, hook: edit.steer(t)))
         return hooks
 
     def read(self, inputs: ModelInputs, sites: list[SiteKey], weights: torch.Tensor) -> dict[SiteKey, torch.Tensor]:
@@ -67,7 +76,7 @@ class TransformerLensBackend(Backend):
 
         def grab(key: SiteKey):
             def hook(t: torch.Tensor, hook: Any) -> None:
-                out[key] = torch.einsum("bkt,btd->bkd", weights.to(t.dtype), t)
+                out[key] = pool(weights, t)
                 if len(out) == len(sites):
                     raise _StopForward
 
