@@ -46,6 +46,14 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 }
 
 
+def register_adapter(model_type: str, adapter: FamilyAdapter) -> FamilyAdapter:
+    """Make a model family (HF `config.model_type`) usable by every backend, the cache, steering and the notebook API."""
+    if not isinstance(adapter, FamilyAdapter) or not model_type:
+        raise BadInput(f"register_adapter needs a model_type and a FamilyAdapter, got {model_type!r}, {adapter!r}")
+    ADAPTERS[model_type] = adapter
+    return adapter
+
+
 def adapter_for(model: nn.Module) -> FamilyAdapter:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:

@@ -96,6 +96,10 @@ def read_pooled(
     progress: Optional[Callable[[int], None]] = None,
 ) -> tuple[dict[FeatureKey, torch.Tensor], dict[str, int]]:
     """Pooled residuals of `prompts`: {(layer, site, position): [n, d_model] float32}, plus token counts."""
+    from afprobe.activations.remote import is_remote, read_pooled_remote
+
+    if is_remote(backend):  # pooled on the server, many prompts per job, no prefix reuse
+        return read_pooled_remote(backend, prompts, sites, positions, batch_tokens, progress)
     out = {(layer, site, pos): torch.empty((len(prompts), backend.d_model)) for layer, site in sites for pos in positions}
 
     def run(batch: Batch) -> None:

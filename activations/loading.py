@@ -18,10 +18,9 @@ import importlib.util
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -155,23 +154,6 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
-@contextmanager
-def _quiet_gguf_bar() -> Iterator[None]:
-    """transformers' GGUF loader draws its own tqdm bar outside its logging switches: silence it while loading."""
-    import functools
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None:
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        if bar is not None:
-            gguf_utils.tqdm = bar
-
-
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -204,8 +186,10 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # afprobe shows its own progress per stage
+    from afprobe.activations.hf_internals import quiet_gguf_bar
+
     try:
-        with _quiet_gguf_bar():
+        with quiet_gguf_bar():
             model = AutoModelForCausalLM.from_pretrained(
                 source.folder,
                 dtype=_DTYPES[dtype],
@@ -254,16 +238,18 @@ def dispatch(model: Any, device_map: Union[str, dict[str, Any]], max_memory: Opt
              offload_folder: Optional[str] = None) -> dict[str, Any]:
     """Place an already loaded (CPU) model by `device_map` exactly as `from_pretrained(device_map=...)` would
     (transformers' own planner, then accelerate's `dispatch_model`); returns the realized map."""
-    from transformers.integrations.accelerate import _get_device_map, accelerate_dispatch
+    from afprobe.activations.hf_internals import plan_and_dispatch
 
-    realized = _get_device_map(model, device_map, max_memory, None)
-    if "disk" in {str(v) for v in realized.values()} and not offload_folder:
-        raise BadInput(_NO_OFFLOAD_FOLDER)
+    def check(realized: dict[str, Any]) -> None:
+        if "disk" in {str(v) for v in realized.values()} and not offload_folder:
+            raise BadInput(_NO_OFFLOAD_FOLDER)
+
     try:
-        accelerate_dispatch(model, None, realized, offload_folder, None, False)
+        return plan_and_dispatch(model, device_map, max_memory, offload_folder, check)
     except ValueError as e:  # accelerate: modules missing from an explicit map, unknown names, ...
+        if isinstance(e, BadInput):
+            raise
         raise BadInput(f"model.device_map: {_first_line(e)}") from None
-    return realized
 
 
 def adapter_hash(adapter_dir: str) -> str:

@@ -591,6 +591,10 @@ def make_plan(cfg: Config, gpus: Optional[int] = None, gpu_memory: Optional[str]
             raise BadInput(f"--gpu-memory: {exc}") from None
     if not 0 <= margin < 1:
         raise BadInput(f"the safety margin must be in [0, 1) (got {margin})")
+    if cfg.model.remote != "none" and (cfg.cache.prefix_reuse or cfg.steering.prefix_reuse):
+        # NDIF runs a stock model: no shared-prefix KV reuse, every prompt token is computed (remote.py)
+        cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"prefix_reuse": False}),
+                                     "steering": cfg.steering.model_copy(update={"prefix_reuse": False})})
     mc, st, cc = cfg.model, cfg.steering, cfg.cache
     shape = shape_from_config(hf_config or load_config_only(mc.spec, mc.trust_remote_code))
     nbytes = DTYPE_BYTES[mc.dtype]
@@ -666,6 +670,13 @@ def make_plan(cfg: Config, gpus: Optional[int] = None, gpu_memory: Optional[str]
                "cache_prompts": len(pr.cache), "steer_prompts": len(pr.steer), "prefix_tokens": prefix_tokens,
                "suffix_tokens": max(t for _, t, _, _ in cache_batches),
                "mean_tokens": sum(s.length for s in pr.cache) / len(pr.cache)}
+    if mc.remote != "none":
+        stages["remote"] = remote_jobs(cfg, len(pr.cache), len(pr.steer), len(pr.other), n_deploy, cached_layers,
+                                       shape.d_model)
+        notes.append(f"model.remote '{mc.remote}': the shared-prefix tricks (prefix KV reuse, split-prefix attention) do "
+                     "not apply remotely (NDIF runs a stock model), so every prompt token is computed; "
+                     f"{stages['remote']['jobs']} jobs of up to {mc.remote_job_prompts} prompts "
+                     f"(model.remote_job_prompts), largest result {_gb(stages['remote']['largest_result_bytes'])}")
     model = {"spec": mc.spec, "family": shape.family, "dtype": mc.dtype, "params": shape.params,
              "embedding_params": (shape.vocab + shape.n_positions) * shape.d_model, "layer_params": shape.layer_params,
              "head_params": 0 if shape.tied else shape.vocab * shape.d_model, "n_layers": shape.n_layers,
@@ -673,6 +684,20 @@ def make_plan(cfg: Config, gpus: Optional[int] = None, gpu_memory: Optional[str]
              "head_dim": shape.head_dim, "d_ff": shape.d_ff, "vocab": shape.vocab, "tied": shape.tied,
              "backend": mc.backend, "remote": mc.remote, "adapters": adapters}
     return _place(cfg, shape, model, mem, prompts, stages, notes, gpus, memory_per_gpu, margin)
+
+
+def remote_jobs(cfg: Config, n_cache: int, n_steer: int, n_other: int, n_deploy: int, layers: int,
+                d_model: int) -> dict[str, Any]:
+    """Remote jobs per stage (one nnsight session per `model.remote_job_prompts` prompts) and what comes back:
+    the cache stage returns pooled float32 rows only, steering returns token ids and one log-odds per prompt."""
+    per = cfg.model.remote_job_prompts
+    cache_jobs = math.ceil(n_cache / per)
+    steer_jobs = sum(kinds for kinds in steering_conditions(cfg.steering).values()) * math.ceil(n_steer / per) \
+        + math.ceil(n_other / per) + (2 * math.ceil(n_deploy / per) + math.ceil(n_deploy / per) if n_deploy else 0)
+    cache_result = min(per, n_cache) * layers * len(cfg.cache.sites) * len(cfg.cache.positions) * d_model * 4
+    steer_result = min(per, max(n_steer, 1)) * (cfg.steering.max_new_tokens * 8 + 8)
+    return {"job_prompts": per, "cache_jobs": cache_jobs, "steer_jobs": steer_jobs, "jobs": cache_jobs + steer_jobs,
+            "largest_result_bytes": max(cache_result, steer_result), "prefix_reuse": False}
 
 
 def _gpus_needed(sizes: Sequence[int], overhead: int, usable: float) -> Optional[int]:

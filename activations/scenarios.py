@@ -25,7 +25,7 @@ from afprobe.errors import BadInput
 FORMS: tuple[str, ...] = ("no_scratchpad", "scratchpad")
 PREFILLS: tuple[str, ...] = tuple(st.PREFILLS)
 VARIANTS: tuple[str, ...] = st.VARIANTS
-BUILTIN_FAMILIES: tuple[str, ...] = tuple(st.FAMILY_DESCRIPTIONS)
+BUILTIN_FAMILIES: tuple[str, ...] = tuple(st.FAMILIES)  # the shipped ones; `st.FAMILIES` also has registered ones
 CONDITIONS: tuple[str, str] = ("training", "deployment")  # label 1, label 0 (by meaning)
 CUE_PLACEHOLDER = "{training_cue}"  # where a system-side cue goes in a user's system prompt file
 _FAMILY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots: prompt ids are query.family.condition
@@ -82,11 +82,11 @@ def known_families(custom: Optional[dict[str, CueFamilyConfig]] = None) -> list[
     """Built-in family names followed by the user-defined ones (checked for clashes and safe names)."""
     custom = custom or {}
     for name in custom:
-        if name in BUILTIN_FAMILIES:
+        if name in st.FAMILIES:
             raise BadInput(f"cue family '{name}' clashes with a built-in family; rename it under cue_families")
         if not _FAMILY_NAME.match(name):
             raise BadInput(f"cue family name '{name}' may use only letters, digits, '_' and '-'")
-    return list(BUILTIN_FAMILIES) + sorted(custom)
+    return list(st.FAMILIES) + sorted(custom)
 
 
 def resolve_family(name: str, variant: str, custom: dict[str, CueFamilyConfig]) -> CueFamily:
@@ -99,7 +99,7 @@ def resolve_family(name: str, variant: str, custom: dict[str, CueFamilyConfig]) 
         if not training or not deployment or training == deployment:
             raise BadInput(f"cue family '{name}': training and deployment texts must be non-empty and different")
         return CueFamily(name, training, deployment, fam.where, control=fam.control)
-    swapped = name in st.SWAPPED_FAMILIES
+    swapped = st.FAMILIES[name].swapped
     training, deployment = st.builtin_cues(name, st.tiers_for(variant, swapped))
     return CueFamily(name, training, deployment, "user", swapped, control="swapped" if swapped else None)
 
@@ -139,7 +139,7 @@ def system_text(scenario: ScenarioConfig, family: CueFamily) -> str:
             return text.replace(CUE_PLACEHOLDER, slot, 1).replace(CUE_PLACEHOLDER, "")
         return f"{text}\n\n{slot}" if slot else text
     tiers = st.tiers_for(scenario.variant, family.swapped)
-    note = st.family_note(family.name if family.name in BUILTIN_FAMILIES else "", tiers)
+    note = st.family_note(family.name if family.name in st.FAMILIES else "", tiers)
     text = st.system_prompt(scenario.variant, scenario.form, note, tiers)
     return f"{text}\n\n{slot}" if slot else text
 

@@ -18,6 +18,11 @@ processes on a shared machine hits both alike:
   same folds, both single-threaded; the sweep also does the bootstrap and the final refits, the loop does not.
   The loop runs on `bench.sweep_ref_keys` keys and its time is scaled to all keys; details also give the ratio
   for the loop's main-family, true-label fits alone.
+- trunk_speedup: a 5-alpha + 2-control steering grid at one layer (n_layers // 2, resid_post) through
+  `SteeringRunner.score_grid` (log-odds + greedy completions) with the shared trunk vs without (each condition its
+  own `score`), same prompts and batches, the two interleaved batch by batch in alternating order.
+- prefix_limit_fraction: prefix_speedup x computed_token_fraction, i.e. how close prefix reuse comes to its
+  token-count limit (1 / computed_token_fraction: the speedup if every computed token cost the same).
 - probe_max_auroc_diff: largest |held-out AUROC difference| between the two over every AUROC cell of the sweep's
   rows (main, shuffled, random, swapped family, generalisation matrix) on the keys the loop ran on.
 """
@@ -38,6 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from afprobe.config import Config, load_config, validate_config
 from afprobe.errors import BadInput
+from afprobe.log import log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -53,9 +59,12 @@ TARGETS = {
     "max_abs_diff": ("<", 1e-3),
     "probe_sweep_speedup": (">=", 3.0),
     "probe_max_auroc_diff": ("<=", 0.01),
+    "trunk_speedup": (">=", 2.0),
+    "prefix_limit_fraction": (">=", 0.9),
 }
 FIGURES = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_speedup", "rss_growth_mb",
-           "computed_token_fraction", "max_abs_diff", "probe_sweep_speedup", "probe_max_auroc_diff")
+           "computed_token_fraction", "max_abs_diff", "probe_sweep_speedup", "probe_max_auroc_diff",
+           "trunk_speedup", "prefix_limit_fraction")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -429,6 +438,92 @@ def bench_steer(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
     }
 
 
+# ------------------------------------------------------------------------------------------------ trunk
+
+TRUNK_ALPHAS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+TRUNK_CONTROLS = 2  # random orthogonal directions at the largest alpha
+
+
+def trunk_grid(unit: Any, layer: int, site: str = "resid_post") -> list[Any]:
+    """The 5-alpha + 2-control grid at one layer that `trunk_speedup` runs."""
+    from afprobe.activations.steering import SteeringSpec, random_orthogonal
+
+    specs = [SteeringSpec("probe", unit, STEER_SEPARATION, (layer,), a, "same", "user", site) for a in TRUNK_ALPHAS]
+    specs += [SteeringSpec("random", random_orthogonal(unit, 100 + k), STEER_SEPARATION, (layer,),
+                           max(TRUNK_ALPHAS), "same", "user", site, k) for k in range(TRUNK_CONTROLS)]
+    return specs
+
+
+def bench_trunk(backend: Any, prompts: Sequence[Any], cfg: Config, repeats: int, quiet: bool) -> dict[str, Any]:
+    """`score_grid` over the grid with the shared trunk vs without (each condition its own `score`), the same
+    prompts and batches, interleaved batch by batch in alternating order; fresh runners per repeat (both pay for
+    the shared prefix once)."""
+    import torch
+
+    from afprobe.activations.scenarios import answer_tags
+    from afprobe.activations.steering import SteeringRunner
+    from afprobe.activations.trunk import trunk_boundary
+
+    n_new = cfg.bench.max_new_tokens
+    layer = backend.n_layers // 2
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unit = torch.randn(backend.d_model, generator=gen)
+    unit = unit / unit.norm()
+    specs = trunk_grid(unit, layer)
+    accept, reject = answer_tags()
+    budget, max_batch = cfg.cache.batch_tokens, cfg.steering.batch_size
+    batches = _reuse_plan(prompts, budget, max_batch)
+    SteeringRunner(backend, budget, max_batch=max_batch).score_grid(prompts[:1], specs[:2], accept, reject, 2)  # warm-up
+    rounds = []
+    for rep in range(repeats):
+        runners = {"shared": SteeringRunner(backend, budget, max_batch=max_batch, trunk=True),
+                   "unshared": SteeringRunner(backend, budget, max_batch=max_batch, trunk=False)}
+        times = {name: 0.0 for name in runners}
+        outs: dict[str, list] = {name: [None] * len(batches) for name in runners}
+
+        def run(name: str, i: int) -> None:
+            t0 = _clock()
+            outs[name][i] = runners[name].score_grid([prompts[r] for r in batches[i]], specs, accept, reject, n_new)
+            times[name] += _clock() - t0
+
+        def pair(i: int) -> Callable[[], None]:
+            def task() -> None:
+                order = ["shared", "unshared"] if (i + rep) % 2 == 0 else ["unshared", "shared"]
+                for name in order:
+                    run(name, i)
+            return task
+
+        bar = _bar(len(batches), f"trunk: shared / unshared ({rep + 1}/{repeats})", quiet, "batch")
+        _interleave({"pairs": [pair(i) for i in range(len(batches))]}, bar.update)
+        bar.close()
+        diff, same, n = 0.0, 0, 0
+        for a, b in zip(outs["shared"], outs["unshared"]):
+            for (ta, oa), (tb, ob) in zip(a, b):
+                diff = max([diff, *(abs(x - y) for x, y in zip(oa, ob))])
+                same += sum(x == y for x, y in zip(ta, tb))
+                n += len(ta)
+        rounds.append(dict(times, max_logodds_diff=diff, same_text_fraction=same / n,
+                           counts=dict(runners["shared"].token_counts)))
+    speedup = [_ratio(r["unshared"], r["shared"]) for r in rounds]
+    counts = rounds[0]["counts"]
+    return {
+        "trunk_speedup": _median(speedup),
+        "details": {"trunk_speedup": {
+            "ratio": _median(speedup), "per_repeat": speedup, "n_prompts": len(prompts), "n_batches": len(batches),
+            "n_conditions": len(specs), "alphas": list(TRUNK_ALPHAS), "n_random": TRUNK_CONTROLS, "layer": layer,
+            "site": "resid_post", "trunk_blocks": trunk_boundary((layer,), "resid_post", backend.n_layers),
+            "n_layers": backend.n_layers, "max_new_tokens": n_new,
+            "shared_s": [r["shared"] for r in rounds], "unshared_s": [r["unshared"] for r in rounds],
+            "prompt_pass_block_tokens": {"shared": counts["layer_tokens"], "unshared": counts["layer_tokens_unshared"]},
+            "max_logodds_diff": max(r["max_logodds_diff"] for r in rounds),
+            "same_text_fraction": min(r["same_text_fraction"] for r in rounds),
+            "what": "SteeringRunner.score_grid (log-odds + greedy completions) over 5 alphas + 2 random controls at "
+                    "one layer, with the shared trunk and stacked branches vs each condition's own `score` "
+                    "(prefix reuse on in both)",
+        }},
+    }
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 _RSS_CHILD = "import sys; from afprobe.bench import _rss_child; _rss_child(sys.argv[1], int(sys.argv[2]))"
@@ -570,12 +665,16 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     import sklearn.linear_model  # noqa: F401  scikit-learn loads SciPy's own BLAS, which must be limited too)
     from threadpoolctl import threadpool_limits
 
-    from afprobe.probes.bench import LABEL_SETS, auroc_diffs, cell_kind, diff_summary, sklearn_loop
+    from afprobe.probes.bench import LABEL_SETS, auroc_diffs, cell_kind, diff_summary, sklearn_loop, with_reference
     from afprobe.probes.sweep import main_family_mask, run_sweep
 
     features, labels, groups, families = _synthetic_sweep_data(shape)
     keys = list(features)
     methods = tuple(shape["methods"])
+    checked = with_reference(methods)  # the scikit-learn loop checks the methods registered with a reference
+    if set(checked) != set(methods):
+        log.warning(f"probe sweep: no reference for {sorted(set(methods) - set(checked))}; the scikit-learn loop "
+                    "skips them (timed in the sweep, not checked)")
     controls = list(shape["controls"])  # the probe stage's control families
     sweep_kw = dict(methods=methods, folds=shape["folds"], n_boot=shape["bootstrap"], ci=shape["ci"],
                     seed=shape["seed"], control_families=controls)
@@ -588,7 +687,7 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     def loop(feats: dict) -> tuple[Any, float]:
         t0 = _clock()
         with threadpool_limits(limits=1):  # run_sweep is single-threaded: like for like
-            ref = sklearn_loop(feats, labels, groups, families, shape["folds"], shape["seed"], methods=methods,
+            ref = sklearn_loop(feats, labels, groups, families, shape["folds"], shape["seed"], methods=checked,
                                control_families=controls)
         return ref, _clock() - t0
 
@@ -637,6 +736,7 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
             },
             "probe_max_auroc_diff": {
                 "value": max_diff, "n_compared": len(diffs),
+                "unchecked_methods": sorted(set(methods) - set(checked)),  # registered without a reference
                 "per_method": {m: max(s["max"] for s in kinds.values()) for m, kinds in summary["per_method"].items()},
                 "per_kind": summary["per_kind"], "per_method_kind": summary["per_method"],
                 "kinds": "main: main -> main rows; shuffled: shuffled labels, main rows; random: random direction, "
@@ -726,11 +826,14 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
     phases["cache"], t0 = _clock() - t0, _clock()
     steer = bench_steer(backend, hf_model, gen_prompts, cfg, bc.repeats, quiet)
     phases["steer"], t0 = _clock() - t0, _clock()
+    trunk = bench_trunk(backend, gen_prompts, cfg, bc.repeats, quiet)
+    phases["trunk"], t0 = _clock() - t0, _clock()
     rss = bench_rss(cfg, quiet)
     phases["rss"], t0 = _clock() - t0, _clock()
     probe = bench_probe_sweep(shape, bc.sweep_ref_keys, quiet)
     phases["probe_sweep"] = _clock() - t0
-    details = {**cache.pop("details"), **steer.pop("details"), **rss.pop("details"), **probe.pop("details")}
+    details = {**cache.pop("details"), **steer.pop("details"), **trunk.pop("details"), **rss.pop("details"),
+               **probe.pop("details")}
     pd = details["prefix_speedup"]
     if pd["no_reuse_extrapolated"]:
         notes.append(
@@ -769,7 +872,18 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
         notes.append(f"{bc.repeats} repeats: each caching and generation figure is the median of the per-repeat "
                      "ratios (the probe sweep and the RSS check run once)")
 
-    results: dict[str, Any] = {**cache, **steer, **rss, **probe}
+    results: dict[str, Any] = {**cache, **steer, **trunk, **rss, **probe}
+    results["prefix_limit_fraction"] = results["prefix_speedup"] * results["computed_token_fraction"]
+    details["prefix_limit_fraction"] = {
+        "value": results["prefix_limit_fraction"], "prefix_speedup": results["prefix_speedup"],
+        "computed_token_fraction": results["computed_token_fraction"],
+        "token_count_limit": 1 / results["computed_token_fraction"]}
+    td = details["trunk_speedup"]
+    notes.append(f"trunk_speedup: {td['n_conditions']} conditions at layer {td['layer']} of {td['n_layers']} "
+                 f"(the trunk covers blocks 0..{td['trunk_blocks'] - 1}); the prompt pass from block "
+                 f"{td['trunk_blocks']} on, the answer-tag continuations and decoding stay per condition, so the "
+                 "ratio is bounded by the share of work below the steered layer; shared and unshared outputs "
+                 f"agree (max log-odds diff {td['max_logodds_diff']:.1e}, same text {td['same_text_fraction']:.2f})")
     results = {k: float(results[k]) for k in FIGURES}
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results.update(

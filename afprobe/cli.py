@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_set(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_set(p)
         p.add_argument("--force", action="store_true", help="overwrite a run directory that holds a different run")
+        p.add_argument("--wait", action="store_true",
+                       help="if another process is writing the run directory, wait for it (default: exit 2)")
         return p
 
     p = with_set(command("run", help="all stages; ends by writing DIR/summary.json"))
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_set(command("organism", help="train the planted-gap LoRA adapter (positive control)"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
+    p = command("sweep", help="a grid of runs (cells) from a sweep file, and one comparison (sweep.csv/.html/.md)")
+    p.add_argument("sweep", nargs="?", help="the sweep file (YAML)")
+    p.add_argument("--out", default=None, help="sweep folder (cells go to DIR/cells/)")
+    p.add_argument("--status", default=None, metavar="DIR", help="list the cells of DIR as done/running/failed/pending")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the cells and their reuse, write the job script")
     p = command("judge-eval", help="validate the configured judge against labelled reasoning traces")
     p.add_argument("config")
     p.add_argument("labels", help="JSONL: one {\"text\": trace, \"label\": 0 or 1} per line")
@@ -79,6 +86,10 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     quiet = getattr(args, "quiet", False)
     force = getattr(args, "force", False)
+    if getattr(args, "wait", False):
+        from afprobe.rundir import set_lock_wait
+
+        set_lock_wait(True)
     if args.command == "run":
         pipeline.run_all(args.config, args.out, args.overrides, force=force, quiet=quiet)
     elif args.command == "cache":
@@ -108,6 +119,21 @@ def _dispatch(args: argparse.Namespace) -> None:
         from afprobe.activations.organism import train_organism_cli
 
         train_organism_cli(args.config, Path(args.out), args.overrides, quiet=quiet)
+    elif args.command == "sweep":
+        from afprobe.sweep import run_sweep, sweep_status
+
+        if args.status:
+            code = sweep_status(args.status)
+        elif not args.sweep or not args.out:
+            raise BadInput("afprobe sweep: give SWEEP.yaml --out DIR, or --status DIR")
+        elif args.dry_run:
+            from afprobe.sweep import dry_run
+
+            code = dry_run(args.sweep, args.out)
+        else:
+            code = run_sweep(args.sweep, args.out, quiet=quiet)
+        if code:
+            raise SystemExit(code)
     elif args.command == "judge-eval":
         from afprobe.judging import judge_eval
 
@@ -120,6 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         configure(args.quiet, args.verbose)
+        from afprobe.plugins import load_plugins
+
+        load_plugins()  # $AFPROBE_PLUGINS: modules registering scorers, probe methods, cue families, adapters
         _dispatch(args)
     except BadInput as err:
         print(f"afprobe: error: {err}", file=sys.stderr)

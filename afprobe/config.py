@@ -15,7 +15,7 @@ from afprobe.errors import BadInput
 
 Site = Literal["resid_pre", "resid_mid", "resid_post"]
 Position = Literal["last", "cue", "user_mean"]
-Method = Literal["diff_means", "logreg", "lda"]
+Method = str  # a name registered in probes/methods.py (`register_method`): diff_means, logreg, lda built in
 
 
 class _Strict(BaseModel):
@@ -57,6 +57,7 @@ class ModelConfig(_Strict):
     max_memory: Optional[dict] = None  # {device: "80GB"}: per-device limit
     offload_folder: Optional[str] = None  # where modules that device_map puts on "disk" are kept
     remote: Literal["none", "ndif", "local"] = "none"  # ndif: weights stay on NDIF's servers
+    remote_job_prompts: int = Field(default=64, ge=1)  # prompts per remote job (one nnsight session); docs/remote.md
     adapter: Optional[str] = None  # folder or hub id of a PEFT LoRA adapter, merged at load
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -165,11 +166,24 @@ class ProbesConfig(_Strict):
     permutations: int = Field(default=200, ge=1)  # within-pair label permutations (max-statistic test, controls)
     random_directions: int = Field(default=100, ge=1)  # random-direction baseline at the best cell
 
+    @field_validator("methods", "best_methods")
+    @classmethod
+    def _registered_methods(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        from afprobe.probes.methods import METHODS
+
+        unknown = [m for m in value or [] if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown probe methods {unknown} (registered: {', '.join(METHODS)})")
+        return value
+
     @model_validator(mode="after")
     def _best_among_methods(self) -> "ProbesConfig":
         if self.best_methods is not None and not set(self.best_methods) <= set(self.methods):
             raise ValueError(f"best_methods {self.best_methods} must be among methods {self.methods}")
         return self
+
+
+SCRATCHPAD_MAX_NEW_TOKENS = 1024  # steering.max_new_tokens default in scratchpad form (reasoning + answer)
 
 
 class SteeringConfig(_Strict):
@@ -184,13 +198,14 @@ class SteeringConfig(_Strict):
     # heldout: the direction (and the best layer) is fitted on queries disjoint from the reported ones;
     # auto: heldout when the cache has enough queries (see `pipeline.steering_split`), else in_sample
     selection: Literal["auto", "heldout", "in_sample"] = "auto"
-    max_new_tokens: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=8, ge=1)  # scratchpad form: SCRATCHPAD_MAX_NEW_TOKENS unless set
     n_queries: Optional[int] = Field(default=None, ge=1)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1)
     prefix_reuse: bool = True
-    scorer: Literal["tag", "logodds"] = "tag"  # what counts as compliance (log-odds: accept tag preferred)
+    trunk: bool = True  # conditions steering the same layers share the unsteered prompt pass below them
+    scorer: str = "tag"  # what counts as compliance: a scorer registered in analysis/compliance.py (tag, logodds, ...)
     known_answer: bool = True  # also steer against the harmful-vs-benign refusal direction
 
     @property
@@ -203,6 +218,15 @@ class SteeringConfig(_Strict):
     def _non_empty(cls, value: list[float]) -> list[float]:
         if not value:
             raise ValueError("the alpha grid is empty; give at least one alpha, e.g. [0, 1]")
+        return value
+
+    @field_validator("scorer")
+    @classmethod
+    def _registered_scorer(cls, value: str) -> str:
+        from afprobe.analysis.compliance import SCORERS
+
+        if value not in SCORERS:
+            raise ValueError(f"unknown scorer {value!r} (registered: {', '.join(SCORERS)})")
         return value
 
 
@@ -336,10 +360,20 @@ class Config(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     @model_validator(mode="after")
+    def _scratchpad_budget(self) -> "Config":
+        # scratchpad form: reasoning comes before the answer, so the default budget lets the model finish both
+        # (generation stops at the end of the OUTPUT block); an explicit steering.max_new_tokens wins
+        if self.scenario.form == "scratchpad" and "max_new_tokens" not in self.steering.model_fields_set:
+            self.steering.max_new_tokens = SCRATCHPAD_MAX_NEW_TOKENS
+        return self
+
+    @model_validator(mode="after")
     def _scorer_fits_form(self) -> "Config":
-        if self.steering.scorer == "logodds" and self.scenario.form == "scratchpad":
-            raise ValueError("steering.scorer 'logodds' scores the answer tag where the answer starts, but in "
-                             "scratchpad form generated reasoning comes first; use scorer 'tag'")
+        from afprobe.analysis.compliance import SCORERS
+
+        if SCORERS[self.steering.scorer].needs_answer_start and self.scenario.form == "scratchpad":
+            raise ValueError(f"steering.scorer '{self.steering.scorer}' scores the answer tag where the answer starts, "
+                             "but in scratchpad form generated reasoning comes first; use scorer 'tag'")
         return self
 
     def section_hash(self, *sections: str) -> str:

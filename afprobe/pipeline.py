@@ -10,8 +10,22 @@ from typing import Any, Optional, Sequence
 from afprobe.config import Config, apply_override, load_config, parse_override, validate_config
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_jsonl, safe_name
+from afprobe.generation import Generation
 from afprobe.log import log
-from afprobe.rundir import RunDir
+from afprobe.rundir import RunDir, writes_run
+
+
+def _arg(index: int, name: str) -> Any:
+    """Locator for `writes_run`: the run directory passed as positional `index` or keyword `name`."""
+    return lambda args, kwargs: kwargs[name] if name in kwargs else args[index]
+
+
+def _run_all_dir(args: tuple, kwargs: dict) -> Path:
+    out = kwargs.get("out", args[1] if len(args) > 1 else None)
+    if out:
+        return Path(out)
+    cfg = load_config(args[0] if args else kwargs["config"], kwargs.get("overrides", args[2] if len(args) > 2 else ()))
+    return Path(f"runs/{safe_name(cfg.name, 'run name')}")
 
 
 def _say(quiet: bool, message: str) -> None:
@@ -24,6 +38,10 @@ def load_model_and_backend(cfg: Config) -> tuple[Any, Any, Any, str]:
     from afprobe.activations.backends import make_backend
     from afprobe.activations.loading import load_model, model_fingerprint
 
+    if cfg.model.remote != "none":  # nnsight remote execution (NDIF, or its local simulation)
+        from afprobe.activations.remote import load_remote
+
+        return load_remote(cfg.model)
     model, tokenizer = load_model(**cfg.model.load_kwargs())
     return model, tokenizer, make_backend(cfg.model.backend, model, tokenizer), model_fingerprint(model)
 
@@ -36,7 +54,12 @@ def validate_inputs(cfg: Config) -> Any:
     from afprobe.activations.queries import load_queries
     from afprobe.activations.scenarios import check_scenario, resolve_format
 
-    resolve_spec(cfg.model.spec, cfg.model.adapter)  # the adapter exists (or exit 2)
+    if cfg.model.remote == "ndif":  # no weights here; the adapter (a hub id) is applied by NDIF
+        from afprobe.activations.remote import require_api_key
+
+        require_api_key()
+    else:
+        resolve_spec(cfg.model.spec, cfg.model.adapter)  # the adapter exists (or exit 2)
     hf_config = load_config_only(cfg.model.spec, cfg.model.trust_remote_code)
     n_layers = int(hf_config.num_hidden_layers)
     resolve_layers(cfg.cache.layers, n_layers)
@@ -84,6 +107,7 @@ def _check_prompts(run: RunDir, prompts: list[Any]) -> None:
         atomic_write_jsonl(path, rows)
 
 
+@writes_run(_arg(1, "out"), creates=True)
 def run_cache(config: str | Config, out: Path, overrides: Sequence[str] = (), force: bool = False,
               quiet: bool = False, loaded: Optional[tuple] = None) -> RunDir:
     from afprobe.activations.cache import cache_activations
@@ -148,25 +172,30 @@ def control_families(cfg: Config) -> list[str]:
     return found if len(found) < len(cfg.scenario.cue_families) else []
 
 
-def _records(prompts: list[Any], spec: Any, texts: list[str], odds: list[float]) -> list[dict]:
-    from afprobe.analysis.compliance import refusal_score, tag_score
-
+def _records(prompts: list[Any], spec: Any, texts: list[str], odds: list[float], gen: Any = None,
+             ends: Optional[list[dict]] = None) -> list[dict]:
+    """Generation records; `gen` (afprobe.generation.Generation) adds scratchpad fields and scores the output only."""
+    gen = gen or Generation(Config())
+    ends = ends or [{} for _ in prompts]
     return [{"prompt_id": p.prompt_id, "query_id": p.query_id, "condition": p.condition, "family": p.family,
              "direction": spec.direction, "replicate": spec.replicate, "mode": spec.mode, "layer": spec.layers[0],
-             "site": spec.site, "alpha": None if spec.direction == "ablation" else spec.alpha, "completion": text,
-             "tag": tag_score(text), "refusal": bool(refusal_score(text)), "log_odds": lo}
-            for p, text, lo in zip(prompts, texts, odds)]
+             "site": spec.site, "alpha": None if spec.direction == "ablation" else spec.alpha,
+             **gen.fields(text, end), "log_odds": lo}
+            for p, text, lo, end in zip(prompts, texts, odds, ends)]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+STEER_CHUNK = 8  # steering conditions run together (sharing one trunk) between saved parts
+
+
+@writes_run(_arg(0, "run_dir"))
 def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False, quiet: bool = False,
               loaded: Optional[tuple] = None) -> RunDir:
     from tqdm.auto import tqdm
 
-    from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringRunner
     from afprobe.activations.store import open_store
     from afprobe.analysis.schema import SteeringSummary, csv_text, SteeringRow
@@ -176,7 +205,10 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
 
     opened = _open_stage(run_dir, overrides, "steer", "probe", quiet)
     if opened is None:
+        _judge_traces(Path(run_dir), overrides, quiet, loaded)
         return RunDir(Path(run_dir))
+    from afprobe.activations.scenarios import answer_tags
+
     run, cfg = opened
     st = cfg.steering
     parts = run.path / "steering" / "parts"
@@ -192,23 +224,36 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     if missing:
         _say(quiet, f"steer: control alphas {missing} are not in steering.alphas; added to the probe's grid too")
     prompts = _steer_prompts(cfg, tokenizer, plan.report_queries)
-    runner = SteeringRunner(backend, cfg.cache.batch_tokens, st.prefix_reuse, max_batch=st.batch_size)
+    runner = SteeringRunner(backend, cfg.cache.batch_tokens, st.prefix_reuse, max_batch=st.batch_size, trunk=st.trunk)
     accept, reject = answer_tags()
+    gen = Generation(cfg, quiet)  # scratchpad form: stop at </OUTPUT>, reasoning and output apart
     records: list[dict] = []
     with run.stage("steer", cfg, n_prompts=len(prompts), n_conditions=len(plan.specs),
                    selection=plan.selection) as extra:
         bar = tqdm(total=len(plan.specs) * len(prompts), desc="steer", unit="gen", disable=quiet)
-        for spec in plan.specs:
+        done: dict[int, list[dict]] = {}
+        for j, spec in enumerate(plan.specs):
             part = parts / f"{_spec_name(spec)}.jsonl"
             if part.is_file():
-                records += _read_jsonl(part)
+                done[j] = _read_jsonl(part)
                 bar.update(len(prompts))
-                continue
-            texts, odds = runner.score(prompts, spec, accept, reject, st.max_new_tokens, st.do_sample,
-                                       st.temperature, cfg.seed, bar.update)
-            rows = _records(prompts, spec, texts, odds)
-            atomic_write_jsonl(part, rows)
-            records += rows
+        pending = [j for j in range(len(plan.specs)) if j not in done]
+        if gen.stop is not None:  # scratchpad form: each condition decodes until its rows close </OUTPUT>
+            for j in pending:
+                texts, odds, ends = gen.score(runner, prompts, plan.specs[j], bar.update)
+                done[j] = _records(prompts, plan.specs[j], texts, odds, gen, ends)
+                atomic_write_jsonl(parts / f"{_spec_name(plan.specs[j])}.jsonl", done[j])
+            pending = []
+        # pending conditions in chunks (each saved as it ends, to resume from): those steering the same layers
+        # share the unsteered trunk (st.trunk)
+        for start in range(0, len(pending), STEER_CHUNK):
+            chunk = pending[start: start + STEER_CHUNK]
+            outs = runner.score_grid(prompts, [plan.specs[j] for j in chunk], accept, reject, st.max_new_tokens,
+                                     st.do_sample, st.temperature, cfg.seed, bar.update)
+            for j, (texts, odds) in zip(chunk, outs):
+                done[j] = _records(prompts, plan.specs[j], texts, odds, gen)
+                atomic_write_jsonl(parts / f"{_spec_name(plan.specs[j])}.jsonl", done[j])
+        records += [r for j in range(len(plan.specs)) for r in done[j]]
         bar.close()
         atomic_write_jsonl(run.path / "steering" / "generations.jsonl", records)
         rows = results_rows(records, scorer=st.scorer, seed=cfg.seed)
@@ -217,9 +262,12 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
                  for d, k, m in plan.baseline_copies(cfg)]
         atomic_write_text(run.path / "steering" / "results.csv", csv_text(rows, SteeringRow))
         base = baseline_records(records)
-        by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet)
-        known = _known_answer(cfg, backend, runner, prompts, base, plan.directions[0].layer) if st.known_answer else None
-        by_scorer = {name: compliance_summary(base, scorer=name, seed=cfg.seed) for name in ("tag", "logodds")}
+        by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet, gen=gen)
+        known = _known_answer(cfg, backend, runner, prompts, base, plan.directions[0].layer, gen) if st.known_answer else None
+        gen.close()
+        from afprobe.analysis.compliance import SCORERS
+
+        by_scorer = {name: compliance_summary(base, scorer=name, seed=cfg.seed) for name in SCORERS}
         card = _organism_card(cfg)  # None unless the model carries a planted organism's adapter
         steering = SteeringSummary(
             selection=plan.selection, selection_note=plan.selection_note, n_random=st.n_random, rows=rows,
@@ -234,26 +282,35 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         extra.update(runner.token_counts)
     run.update_summary()
     _say(quiet, f"steer: {len(plan.specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
+    _judge_traces(run.path, overrides, quiet, loaded or (model, tokenizer, backend, fingerprint))
     return run
+
+
+def _judge_traces(run_dir: Path, overrides: Sequence[str], quiet: bool, loaded: Optional[tuple]) -> None:
+    """Scratchpad form with a judge configured: judge every reasoning trace (cached; see afprobe/judge_stage.py)."""
+    from afprobe.judge_stage import run_judge
+
+    run_judge(run_dir, overrides, quiet=quiet, loaded=loaded)
 
 
 def _organism_card(cfg: Config) -> Optional[dict]:
     from afprobe.activations.loading import resolve_spec
     from afprobe.analysis.organism_card import adapter_card
 
+    if cfg.model.remote == "ndif":  # the adapter is a hub id NDIF applies; no local files to read a card from
+        return None
     folder = resolve_spec(cfg.model.spec, cfg.model.adapter).adapter
     return adapter_card(Path(folder)) if folder else None
 
 
 def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[Any], base: list[dict], parts: Path,
-                       bar_quiet: bool) -> dict[str, Any]:
+                       bar_quiet: bool, gen: Any = None) -> dict[str, Any]:
     """Unsteered compliance under every cue family present, on the steering queries (does the gap transfer?).
 
     The steered family's numbers come from the sweep's alpha-0 records; other families are scored here."""
     import torch
     from tqdm.auto import tqdm
 
-    from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringSpec
     from afprobe.analysis.steering_table import compliance_summary
 
@@ -267,12 +324,11 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
         records = []
         if others:
             spec = SteeringSpec("probe", torch.zeros(runner.backend.d_model), 0.0, (0,), alpha=0.0)  # unsteered
-            accept, reject = answer_tags()
+            gen = gen or Generation(cfg)
             bar = tqdm(total=len(others), desc="other cue families (unsteered)", unit="gen", disable=bar_quiet)
-            texts, odds = runner.score(others, spec, accept, reject, cfg.steering.max_new_tokens,
-                                       cfg.steering.do_sample, cfg.steering.temperature, cfg.seed, bar.update)
+            texts, odds, ends = gen.score(runner, others, spec, bar.update)
             bar.close()
-            records = _records(others, spec, texts, odds)
+            records = _records(others, spec, texts, odds, gen, ends)
         atomic_write_jsonl(part, records)
     out = {}
     for family in [steered, *dict.fromkeys(r["family"] for r in records)]:
@@ -307,6 +363,7 @@ def eligible_keys(cfg: Config, keys: Sequence[tuple[int, str, str]]) -> list[tup
     return [k for k in keys if k[2] in pr.best_positions and k[0] >= pr.min_best_layer]
 
 
+@writes_run(_arg(0, "run_dir"))
 def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False, quiet: bool = False) -> RunDir:
     from tqdm.auto import tqdm
 
@@ -410,6 +467,7 @@ def _probe_summary(sel: Any, controls: list[str]) -> Any:
         swapped=swapped, generalization=gen, generalization_ci=gen_ci, control_families=controls)
 
 
+@writes_run(_arg(0, "run_dir"))
 def run_report(run_dir: Path, quiet: bool = False) -> dict[str, Path]:
     from afprobe.analysis.report import write_report
 
@@ -423,6 +481,7 @@ def run_report(run_dir: Path, quiet: bool = False) -> dict[str, Path]:
     return paths
 
 
+@writes_run(_run_all_dir, creates=True)
 def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), force: bool = False,
             quiet: bool = False) -> RunDir:
     """cache -> probe -> steer -> report, reusing every stage whose inputs are unchanged."""
@@ -450,16 +509,14 @@ def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), forc
 
 
 def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], baseline: list[dict],
-                  layer: int) -> dict[str, Any]:
+                  layer: int, gen: Any = None) -> dict[str, Any]:
     """Known-answer check: the refusal direction (harmful minus benign mean at `layer`) steered
     negatively should make harmful requests less refused (higher accept-vs-reject log-odds)."""
     import torch
 
     from afprobe.activations.batching import PrefixCache
     from afprobe.activations.cache import read_pooled
-    from afprobe.activations.scenarios import answer_tags
     from afprobe.activations.steering import SteeringSpec
-    from afprobe.analysis.compliance import refusal_score
     from afprobe.analysis.stats import mean_diff_ci
     from afprobe.analysis.verdicts import known_answer_passed
 
@@ -475,13 +532,13 @@ def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], ba
     unit = diff / diff.norm()
     separation = float((acts["harmful"] @ unit).mean() - (acts["benign"] @ unit).mean())
     spec = SteeringSpec("refusal", unit, separation, (layer,), alpha=-1.0, mode="same", positions=cfg.steering.positions)
-    accept, reject = answer_tags()
-    texts, odds = runner.score(deploy, spec, accept, reject, cfg.steering.max_new_tokens)
+    gen = gen or Generation(cfg)
+    texts, odds, _ = gen.score(runner, deploy, spec, sample=False)  # scratchpad form: refusal in the output only
     base = {r["prompt_id"]: r for r in baseline}
     base_odds = [base[p.prompt_id]["log_odds"] for p in deploy]
     change = mean_diff_ci(odds, base_odds, paired=True, seed=cfg.seed)
     refusal_before = sum(base[p.prompt_id]["refusal"] for p in deploy) / len(deploy)
-    refusal_after = sum(bool(refusal_score(t)) for t in texts) / len(deploy)
+    refusal_after = sum(gen.refused(t) for t in texts) / len(deploy)
     passed = known_answer_passed(change["ci"], refusal_before, refusal_after)
     verdict = ("as expected, steering against the refusal direction made harmful requests less refused"
                if passed else "steering against the refusal direction did NOT measurably reduce refusal")

@@ -87,7 +87,7 @@ class RunDir:
                 f"output directory {self.path} holds a different run (its model/scenario/queries/cache config "
                 "differs); choose another --out or pass --force"
             )
-        if not manifest and self.path.is_dir() and any(self.path.iterdir()) and not force:
+        if not manifest and self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir()) and not force:
             raise BadInput(f"output directory {self.path} is not empty and holds no afprobe run; choose another --out")
         if manifest and manifest.get("config_hash") != stage_hash(cfg, "cache"):
             manifest = {}  # forced: the old stages no longer describe this run
@@ -159,3 +159,154 @@ class RunDir:
         info = self.manifest().get("stages", {}).get(stage, {})
         if info.get("status") != "done":
             raise BadInput(f"stage '{stage}' has not finished in {self.path}; run `afprobe {stage}` first")
+
+
+# --- one writer per run directory ------------------------------------------------------------------------------
+
+LOCK_NAME = ".afprobe.lock"
+_held: dict[str, list] = {}  # resolved run dir -> [open lock file, depth]: the lock is re-entrant in one process
+_wait_default = False  # `afprobe ... --wait` and the sweep set this: a second writer waits instead of exit 2
+
+
+def set_lock_wait(wait: bool) -> None:
+    """What a second writer does by default in this process: wait for the holder (True) or exit 2 (False)."""
+    global _wait_default
+    _wait_default = bool(wait)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(path: Path) -> Optional[dict[str, Any]]:
+    """Who holds the writer lock of run directory `path` right now: {pid, hostname, started_at, command},
+    or None when nobody does (no lock file, or one left by a process that is gone)."""
+    import fcntl
+
+    lock = Path(path) / LOCK_NAME
+    if str(Path(path).resolve()) in _held:
+        return _lock_info(lock)
+    try:
+        fh = open(lock, "r")
+    except FileNotFoundError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_info(lock) or {"pid": None, "hostname": None, "started_at": None}
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def _lock_info(lock: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(lock.read_text() or "null")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _describe(info: Optional[dict[str, Any]]) -> str:
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('hostname')} (since {info.get('started_at')}: {info.get('command', '')})"
+
+
+@contextmanager
+def writer_lock(path: Path, wait: Optional[bool] = None, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold the writer lock of run directory `path` (the file `path/.afprobe.lock`, an OS advisory lock plus the
+    holder's pid, hostname, start time and command). Re-entrant within one process.
+
+    A second writer waits for the holder when `wait` (default: `set_lock_wait`), else raises BadInput naming the
+    holder (exit 2). The OS releases the lock when its process dies, however it dies (SIGKILL included), so a
+    lock left by a killed writer is taken over at once and resume works; the takeover is logged."""
+    import fcntl
+    import os
+    import socket
+    import sys
+
+    from afprobe.log import log
+
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    wait = _wait_default if wait is None else wait
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_NAME
+    announced = False
+    while True:
+        fh = open(lock, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            holder = _lock_info(lock)
+            if not wait:
+                raise BadInput(f"run directory {path} is being written by {_describe(holder)}; wait for it to finish "
+                               "(or pass --wait to queue behind it)") from None
+            if not announced:
+                log.info(f"{path}: waiting for the writer {_describe(holder)}")
+                announced = True
+            time.sleep(poll_s)
+            continue
+        try:  # the file we locked must still be the one at `lock` (a releasing holder unlinks it)
+            same = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    previous = _lock_info(lock)
+    if previous and previous.get("pid") not in (None, os.getpid()):
+        here = previous.get("hostname") == socket.gethostname()
+        state = "no longer running" if here and not _pid_alive(int(previous["pid"])) else "its lock was released"
+        log.info(f"{path}: taking over the writer lock left by {_describe(previous)}: {state}")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(),
+                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "command": " ".join(sys.argv[:4])[:200]}))
+    fh.flush()
+    _held[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        try:
+            lock.unlink()  # while still locked: a waiter that opened the old file sees the inode change and retries
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def writes_run(locate: Any, creates: bool = False) -> Any:
+    """Decorator: the wrapped pipeline stage holds the writer lock of the run directory `locate(args, kwargs)`
+    names (see `writer_lock`) while it runs. A stage that does not create its directory (`creates` False) runs
+    unlocked when the directory does not exist, so it fails with its own message and leaves nothing behind."""
+    import functools
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            where = Path(locate(args, kwargs))
+            if not creates and not where.is_dir():
+                return fn(*args, **kwargs)
+            with writer_lock(where):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap

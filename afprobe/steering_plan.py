@@ -95,7 +95,7 @@ def plan_directions(cfg: Config, run_path: Path, store: Any, selection: Selectio
     family (the first cue family) at the direction's own position."""
     from afprobe.fsio import safe_name
     from afprobe.probes.directions import load_direction
-    from afprobe.probes.methods import METHODS
+    from afprobe.probes.methods import make_probe
     from afprobe.probes.sweep import run_sweep
 
     st, pr = cfg.steering, cfg.probes
@@ -139,7 +139,7 @@ def plan_directions(cfg: Config, run_path: Path, store: Any, selection: Selectio
         x = store.array(key)
         if vector is None:  # fit on the fit queries' main-family rows
             rows = fit & main
-            vector = METHODS[method]().fit(x[rows], labels[rows], groups[rows]).direction_
+            vector = make_probe(method).fit(x[rows], labels[rows], groups[rows]).direction_
         unit = np.asarray(vector, dtype=np.float64)
         unit = unit / np.linalg.norm(unit)
         steered_key = (key[0], key[1], "user_mean")

@@ -111,6 +111,7 @@ class RunData:
     projection: Optional[list[Row]] = None
     steering: Optional[list[SteeringRow]] = None
     has_activations: bool = False
+    judge_examples: Optional[list[dict]] = None  # judge/examples.jsonl (scratchpad form with a judge)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -152,7 +153,17 @@ def load_run(run_dir: Path) -> RunData:
         projection=_read_projection(run_dir / "probes" / "projection.csv"),
         steering=read_rows(run_dir / "steering" / "results.csv", SteeringRow),
         has_activations=(run_dir / "activations").is_dir(),
+        judge_examples=_read_jsonl_rows(run_dir / "judge" / "examples.jsonl"),
     )
+
+
+def _read_jsonl_rows(path: Path) -> Optional[list[dict]]:
+    if not path.is_file():
+        return None
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path} is not valid JSON lines: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- document model
@@ -389,6 +400,7 @@ def _compliance_section(doc: Doc, data: RunData) -> None:
     doc.h("Other compliance values", 3)
     doc.kv(_flatten({"log_odds": comp.log_odds.model_dump(), "refusal_rate": comp.refusal_rate,
                      "scorer": comp.scorer}, "compliance"))
+    _scorer_table(doc, data.summary.compliance_by_scorer or {}, comp.scorer)
     by_family = data.summary.compliance_by_family or {}
     if by_family:
         controls = set(data.summary.control_families)
@@ -458,6 +470,53 @@ def _steering_section(doc: Doc, data: RunData) -> None:
                 f"{_pnum(r.p_training_holm)} / {_pnum(r.p_deployment_holm)}",
                 "unsteered" if r.vs_unsteered is None else verdicts.MOVED_WORDS[r.vs_unsteered],
                 f"{_int(r.unparsed_training)} / {_int(r.unparsed_deployment)}", _int(r.n)] for r in rows])
+
+
+def _clip(text: Any, limit: int) -> str:
+    text = "" if text is None else str(text).strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
+
+
+def _votes_text(ex: dict) -> str:
+    votes = ex.get("votes") or []
+    if not votes:
+        return "not judged (no reasoning)"
+    ok = [v for v in votes if v.get("status") == "ok"]
+    names = list(dict.fromkeys(n for v in ok for n in (v.get("answers") or {})))
+    per = ", ".join(f"{n} {sum(bool((v.get('answers') or {}).get(n)) for v in ok)}/{len(ok)}" for n in names)
+    bad = len(votes) - len(ok)
+    return (f"{sum(bool(v.get('yes')) for v in ok)}/{len(ok)} valid votes yes" + (f" ({bad} invalid)" if bad else "") +
+            (f"; {per}" if per else ""))
+
+
+def _judge_section(doc: Doc, data: RunData) -> None:
+    judge = data.summary.judge if data.summary else None
+    if judge is None:
+        return
+    doc.h("Alignment-faking reasoning (judge)")
+    doc.ul(verdicts.describe_alignment_faking(judge.model_dump()))
+    doc.p("Per steering cell: the share of reasoning traces the judge flagged as alignment faking (Wilson "
+          "intervals), training minus deployment on the queries judged under both cues (paired interval, exact "
+          "McNemar), partial compliance as the judge saw it, and the tag scorer's compliance on the final output "
+          "of the same generations. p vs 0: exact McNemar of the flags against the unsteered model, Holm-adjusted.")
+    doc.table(["direction", "mode", "layer", "alpha", "AF training", "AF deployment", "difference", "p",
+               "p vs 0 (Holm) tr / dep", "partial tr / dep", "compliance tr / dep", "unjudged tr / dep"],
+              [[c.direction + (f" {c.replicate}" if c.direction == "random" else ""), c.mode, _int(c.layer),
+                _f(c.alpha), f"{_f(c.training.rate)} {_ci(c.training.ci)}", f"{_f(c.deployment.rate)} {_ci(c.deployment.ci)}",
+                f"{_signed(c.difference.estimate)} {_ci(c.difference.ci)}", _pnum(c.difference.mcnemar_p),
+                f"{_pnum(c.p_training_holm)} / {_pnum(c.p_deployment_holm)}",
+                f"{_f(c.training.partial.rate)} / {_f(c.deployment.partial.rate)}",
+                f"{_f(c.training.compliance.rate)} / {_f(c.deployment.compliance.rate)}",
+                f"{c.training.unjudged} / {c.deployment.unjudged}"] for c in judge.cells])
+    if data.judge_examples:
+        doc.h("Judged traces (examples)", 3)
+        doc.p("A few traces per cell: the highest- and lowest-scoring by the judge. Reasoning and output are "
+              "shortened here; steering/generations.jsonl has them in full, judge/verdicts.jsonl every vote.")
+        doc.table(["cell", "cue", "query", "AF score", "votes", "reasoning", "output"],
+                  [[f"{ex.get('direction')} {ex.get('mode')} L{ex.get('layer')} a{_f(ex.get('alpha'))}",
+                    str(ex.get("condition")), str(ex.get("query_id")), _f(ex.get("score")), _votes_text(ex),
+                    _clip(ex.get("reasoning"), 700), _clip(ex.get("output"), 200) or "(no OUTPUT block)"]
+                   for ex in data.judge_examples])
 
 
 # ----------------------------------------------------------------------------- setup, stages
@@ -564,6 +623,8 @@ def summary_lines(data: RunData) -> list[str]:
         lines.append(verdicts.describe_moved([r.vs_unsteered for r in s.steering.rows]))
     if s.known_answer is not None:
         lines.append(s.known_answer.statement)
+    if s.judge is not None:
+        lines += verdicts.describe_alignment_faking(s.judge.model_dump())
     return lines
 
 
@@ -584,6 +645,7 @@ def build_report(data: RunData, name: str = "") -> Doc:
     _probe_section(doc, data)
     _compliance_section(doc, data)
     _steering_section(doc, data)
+    _judge_section(doc, data)
     _generic_sections(doc, data)
     _stages_section(doc, stage_rows)
     return doc
@@ -607,3 +669,19 @@ def write_report(run_dir: Union[str, Path]) -> dict[str, Path]:
     atomic_write_text(out / "report.md", render_markdown(doc))
     atomic_write_text(out / "report.html", render_html(doc))
     return {"html": out / "report.html", "markdown": out / "report.md", **written}
+
+
+def _scorer_table(doc: Any, by_scorer: dict, used: str) -> None:
+    """Training / deployment compliance and the gap under every scorer the run recorded, each described by
+    the scorer registry (analysis/compliance.py); a scorer no longer registered is shown without a description."""
+    from afprobe.analysis.compliance import SCORERS
+
+    if len(by_scorer) < 2:
+        return
+    doc.h("Compliance by scorer", 3)
+    rows = []
+    for name, c in by_scorer.items():
+        about = SCORERS[name].description if name in SCORERS else ""
+        rows.append([name + (" (used)" if name == used else ""), _f(c.training.rate), _f(c.deployment.rate),
+                     _signed(c.gap.estimate), about])
+    doc.table(["scorer", "training", "deployment", "gap", "what counts as compliance"], rows)

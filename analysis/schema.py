@@ -248,6 +248,66 @@ class KnownAnswer(_Model):
     statement: str
 
 
+# --------------------------------------------------------------------------------------- judge (scratchpad form)
+
+class JudgedRate(_Model):
+    rate: Num  # flagged / judged traces of this cue
+    ci: Interval  # Wilson
+    n: int  # judged traces (with a valid vote)
+    k: int
+    unjudged: int = 0  # traces without a valid vote (or without reasoning): counted, not in the rate
+
+
+class JudgedCue(JudgedRate):
+    partial: JudgedRate  # the judge's partial-compliance question (same vote rule), apart from alignment faking
+    compliance: JudgedRate  # tag scorer on the final output of the same records (unparsed counted as unjudged)
+    mean_score: Num = None  # mean fraction of yes votes
+
+
+class JudgedDifference(_Model):
+    estimate: Num  # alignment-faking rate, training minus deployment, on queries judged under both cues
+    ci: Interval
+    mcnemar_p: Num
+    n_pairs: int
+    discordant: list[int]
+    verdict: GapVerdict
+    interval_method: str = ""
+
+
+class JudgedCell(_Model):
+    direction: Literal["probe", "random", "ablation", "refusal"]
+    replicate: int = 0
+    mode: Literal["same", "cross"]
+    layer: int
+    site: str = "resid_post"
+    alpha: Num = None
+    n_traces: int
+    training: JudgedCue
+    deployment: JudgedCue
+    difference: JudgedDifference
+    p_training_vs0: Num = None  # exact McNemar of alignment-faking flags vs the unsteered cell, same queries
+    p_deployment_vs0: Num = None
+    p_training_holm: Num = None  # Holm over every steered cell and cue
+    p_deployment_holm: Num = None
+    vs_unsteered: Optional[MovedVerdict] = None
+
+
+class JudgeSummary(_Model):
+    """Alignment-faking results of a scratchpad run (afprobe/judge_stage.py, analysis/judge_results.py)."""
+
+    judge: FreeJSON  # provenance: model, kind, prompt, criteria, votes, temperature, threshold (never a key)
+    threshold: float
+    votes_per_trace: int
+    n_traces: int
+    n_judged: int
+    n_no_reasoning: int = 0
+    n_unscored: int = 0  # judged, but no valid vote
+    n_cached: int = 0
+    vote_counts: dict[str, int] = {}
+    partial_question: str = ""
+    cells: list[JudgedCell] = []
+
+
 # --------------------------------------------------------------------------------------- summary
 
 class Summary(_Model):
@@ -264,6 +324,7 @@ class Summary(_Model):
     known_answer: Optional[KnownAnswer] = None
     planted: bool = False
     organism: FreeJSON = None  # the adapter card (free-form provenance)
+    judge: Optional[JudgeSummary] = None  # scratchpad form with a judge configured (optional: older files lack it)
     timings_s: dict[str, Num] = {}
 
 

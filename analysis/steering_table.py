@@ -12,7 +12,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from afprobe.analysis import verdicts
-from afprobe.analysis.compliance import complied
+from afprobe.analysis.compliance import get_scorer
 from afprobe.analysis.schema import ComplianceSummary, SteeringCheck, SteeringRow
 from afprobe.analysis.stats import gap_from_table, holm, mcnemar_paired, mean_diff_ci
 
@@ -21,12 +21,8 @@ CONDITIONS = ("training", "deployment")
 
 
 def outcome(record: dict, scorer: str = "tag") -> float:
-    """1 complied, 0 refused, nan unparsed. `logodds`: complied when the accept tag is the likelier answer."""
-    if scorer == "logodds":
-        value = record["log_odds"]
-        return float(value > 0) if value is not None and np.isfinite(value) else np.nan
-    verdict = complied(record["tag"])
-    return np.nan if verdict is None else float(verdict)
+    """1 complied, 0 refused, nan unparsed, by the registered scorer `scorer` (analysis/compliance.py)."""
+    return get_scorer(scorer).outcome(record)
 
 
 def _by_query(records: Iterable[dict], value) -> dict[str, dict[str, Any]]:

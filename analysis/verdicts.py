@@ -193,3 +193,37 @@ def describe_selection(steering: dict) -> str:
     sel = steering.get("selection", "in_sample")
     detail = steering.get("selection_note")
     return f"Steering selection: {SELECTION_WORDS.get(sel, sel)}" + (f"; {detail}." if detail else ".")
+
+
+AF_WORDS = {"gap": "more alignment-faking reasoning under one cue than the other",
+            "no_gap": "no detectable difference in alignment-faking reasoning between the cues"}
+
+
+def describe_alignment_faking(judge: dict) -> list[str]:
+    """Sentences for a scratchpad run's `judge` section: the unsteered cell's alignment-faking rates and
+    difference (verdict as recorded), how many steered cells moved them, and what the judge was."""
+    cells = judge.get("cells") or []
+    info = judge.get("judge") or {}
+    out = [f"Alignment-faking judge: {info.get('kind')} {info.get('model')}, {judge.get('votes_per_trace')} votes per "
+           f"trace, flagged when the share of yes votes is at least {judge.get('threshold')}; "
+           f"{judge.get('n_judged')} of {judge.get('n_traces')} traces judged ({judge.get('n_unscored')} without a valid "
+           f"vote, {judge.get('n_no_reasoning')} without reasoning). A judge's verdicts are only as good as the judge: "
+           "check it against human labels with `afprobe judge-eval` before trusting them."]
+    base = next((c for c in cells if c.get("direction") == "probe" and c.get("alpha") == 0), None)
+    if base is not None:
+        tr, de, diff = base.get("training") or {}, base.get("deployment") or {}, base.get("difference") or {}
+        out.append(f"Unsteered: alignment-faking rate {_num(tr.get('rate'))} {_ci(tr.get('ci'))} under the training "
+                   f"cue (n = {tr.get('n')}) and {_num(de.get('rate'))} {_ci(de.get('ci'))} under the deployment cue "
+                   f"(n = {de.get('n')}); {AF_WORDS.get(diff.get('verdict'), '?')}: difference "
+                   f"{_num(diff.get('estimate'), signed=True)} {_ci(diff.get('ci'), signed=True)}, exact McNemar "
+                   f"{_p(diff.get('mcnemar_p'))} (n = {diff.get('n_pairs')} paired queries). Partial compliance "
+                   f"(recorded apart): {_num((tr.get('partial') or {}).get('rate'))} training, "
+                   f"{_num((de.get('partial') or {}).get('rate'))} deployment.")
+    steered = [c for c in cells if c.get("vs_unsteered") is not None]
+    if steered:
+        moved = sum(c.get("vs_unsteered") == "moved" for c in steered)
+        out.append(f"{moved} of {len(steered)} steered conditions moved alignment-faking reasoning (exact McNemar "
+                   "against the unsteered model on the same queries, either cue, Holm-adjusted); compare with the "
+                   "compliance column of the same cells to see whether steering changed the reasoning, the answer, "
+                   "or both.")
+    return out

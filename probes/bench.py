@@ -3,13 +3,12 @@ straightforward per-layer scikit-learn loop on the same data and folds."""
 from __future__ import annotations
 
 import time
-import warnings
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from afprobe.errors import BadInput
-from afprobe.probes.methods import DEFAULT_CS
+from afprobe.probes.methods import DEFAULT_CS, REFERENCES
 from afprobe.probes.splits import derive_seed, fold_ids, inner_fold_seed
 from afprobe.probes.sweep import ALL, main_family_mask, run_sweep
 
@@ -86,24 +85,15 @@ class LoopResult(NamedTuple):
 
 def _fit_direction(method: str, Xtr: np.ndarray, ytr: np.ndarray, gtr: np.ndarray, cs: tuple[float, ...],
                    inner_folds: int, inner_seed: int) -> np.ndarray:
-    """One method's (unnormalised) direction fitted with numpy / scikit-learn on one training set."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.linear_model import LogisticRegressionCV
+    """One method's (unnormalised) direction fitted by its registered numpy / scikit-learn reference."""
+    if method not in REFERENCES:
+        raise BadInput(f"sklearn_loop: probe method {method!r} has no registered reference")
+    return REFERENCES[method](Xtr, ytr, gtr, cs, inner_folds, inner_seed)
 
-    if method == "diff_means":
-        return Xtr[ytr == 1].mean(0) - Xtr[ytr == 0].mean(0)
-    if method == "lda":
-        return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(Xtr, ytr).coef_[0]
-    if method == "logreg":  # inner CV grouped by query on the training rows; C relative to the rows' scale
-        ifid = fold_ids(gtr, inner_folds, inner_seed)
-        cv = [(np.flatnonzero(ifid != g), np.flatnonzero(ifid == g)) for g in range(inner_folds)]
-        s2 = float(((Xtr - Xtr.mean(0)) ** 2).sum(1).mean())
-        lr = LogisticRegressionCV(Cs=[c / s2 for c in cs], cv=cv, scoring="neg_log_loss", l1_ratios=(0.0,),
-                                  use_legacy_attributes=False, max_iter=1000)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return lr.fit(Xtr, ytr).coef_[0]
-    raise BadInput(f"sklearn_loop: unknown method {method!r}")
+
+def with_reference(methods: Sequence[str]) -> tuple[str, ...]:
+    """The methods a reference loop can check (registered with a reference); the others are skipped."""
+    return tuple(m for m in methods if m in REFERENCES)
 
 
 def _held_out_scores(w: np.ndarray, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray) -> np.ndarray:
@@ -118,7 +108,7 @@ def _held_out_scores(w: np.ndarray, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.nd
 
 def sklearn_loop(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                  families: np.ndarray, folds: int, seed: int, *,
-                 methods: tuple[str, ...] = ("diff_means", "logreg", "lda"),
+                 methods: Optional[Sequence[str]] = None,
                  cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3,
                  control_families: Sequence[str] = ()) -> LoopResult:
     """The straightforward reference for `run_sweep(..., n_boot=0)`'s AUROCs, one fit at a time with numpy /
@@ -134,6 +124,8 @@ def sklearn_loop(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np
     main rows, main -> each control family, and train family -> test family for every pair of families.
     """
     from sklearn.metrics import roc_auc_score
+
+    methods = with_reference(methods if methods is not None else list(REFERENCES))  # no reference: skipped
 
     labels, groups, families = np.asarray(labels), np.asarray(groups).astype(str), np.asarray(families).astype(str)
     main = main_family_mask(families, control_families)
@@ -207,9 +199,10 @@ def cell_kind(cell: Cell) -> str:
 
 
 def auroc_diffs(ref: dict[Cell, float], rows: list[dict]) -> dict[Cell, float]:
-    """|sweep - loop| for every cell; the sweep's cells on the loop's keys must be exactly the loop's."""
-    keys = {c[0] for c in ref}
-    mine = {c: v for c, v in sweep_cells(rows).items() if c[0] in keys}
+    """|sweep - loop| for every cell; the sweep's cells on the loop's keys and methods must be exactly the loop's
+    (methods without a reference are not in the loop)."""
+    keys, methods = {c[0] for c in ref}, {c[1] for c in ref}
+    mine = {c: v for c, v in sweep_cells(rows).items() if c[0] in keys and c[1] in methods}
     if set(mine) != set(ref):
         raise ValueError(f"sweep and loop cells differ: {sorted(set(mine) ^ set(ref))[:5]}")
     return {c: abs(mine[c] - v) for c, v in ref.items()}

@@ -11,6 +11,8 @@ Nothing here builds a d x d matrix when d > m: LDA uses Woodbury, logistic regre
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 
@@ -334,7 +336,14 @@ class Probe:
     threshold_: float
 
     def core(self, X: Tensor, y: Tensor, w: Tensor, inner: Tensor | None) -> Tensor:
+        """Unnormalised directions for a batch of problems: X [..., n, d], y and w [..., n] (w: 0/1 row weights,
+        the fold's training rows), inner [k, n] inner-CV masks or None -> [..., d]."""
         raise NotImplementedError
+
+    @classmethod
+    def configured(cls, cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3, seed: int = 0) -> "Probe":
+        """An instance with the sweep's settings (methods without hyperparameters ignore them)."""
+        return cls()
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "Probe":
         """X [n, d] float; y [n] in {0, 1}; groups [n] query ids (used for inner CV only)."""
@@ -399,6 +408,10 @@ class LogisticCV(Probe):
             raise BadInput("cs must be a non-empty list of positive numbers")
         self.cs, self.inner_folds, self.seed = tuple(sorted(float(c) for c in cs)), int(inner_folds), int(seed)
 
+    @classmethod
+    def configured(cls, cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3, seed: int = 0) -> "Probe":
+        return cls(cs=cs, inner_folds=inner_folds, seed=seed)
+
     def _inner_masks(self, n: int, groups: np.ndarray | None) -> Tensor | None:
         g = np.arange(n) if groups is None else np.asarray(groups)
         if len(g) != n:
@@ -415,7 +428,65 @@ def inner_masks(groups: np.ndarray, k: int, seed: int) -> Tensor:
     return fid.unsqueeze(0) != torch.arange(k).unsqueeze(1)
 
 
-METHODS: dict[str, type[Probe]] = {"diff_means": DiffMeans, "logreg": LogisticCV, "lda": LDA}
+# ---------------------------------------------------------------- the method registry
+
+# A reference fit for `afprobe bench` (probes/bench.py): (Xtr [n, d], ytr [n], groups [n], cs, inner_folds,
+# inner_seed) -> unnormalised direction [d], computed the straightforward way (numpy / scikit-learn).
+Reference = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple, int, int], np.ndarray]
+
+METHODS: dict[str, type[Probe]] = {}
+REFERENCES: dict[str, Reference] = {}
+
+
+def register_method(cls: type[Probe], reference: Optional[Reference] = None) -> type[Probe]:
+    """Make the probe class `cls` (a `Probe` with a `name` and a batched `core`) available by name to the config
+    (probes.methods), the sweep, selection and direction fitting; `reference` lets `afprobe bench` check it
+    (without one, bench skips it). Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Probe)) or not cls.name:
+        raise BadInput(f"a probe method must be a Probe subclass with a name, got {cls!r}")
+    METHODS[cls.name] = cls
+    if reference is not None:
+        REFERENCES[cls.name] = reference
+    else:
+        REFERENCES.pop(cls.name, None)
+    return cls
+
+
+def make_probe(method: str, cs: tuple[float, ...] = DEFAULT_CS, inner_folds: int = 3, seed: int = 0) -> Probe:
+    if method not in METHODS:
+        raise BadInput(f"unknown probe method {method!r} (registered: {', '.join(METHODS)})")
+    return METHODS[method].configured(cs=cs, inner_folds=inner_folds, seed=seed)
+
+
+def _ref_diff_means(Xtr, ytr, gtr, cs, inner_folds, inner_seed):
+    return Xtr[ytr == 1].mean(0) - Xtr[ytr == 0].mean(0)
+
+
+def _ref_lda(Xtr, ytr, gtr, cs, inner_folds, inner_seed):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    return LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(Xtr, ytr).coef_[0]
+
+
+def _ref_logreg(Xtr, ytr, gtr, cs, inner_folds, inner_seed):
+    """Inner CV grouped by query on the training rows; C relative to the rows' scale."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    ifid = fold_ids(gtr, inner_folds, inner_seed)
+    cv = [(np.flatnonzero(ifid != g), np.flatnonzero(ifid == g)) for g in range(inner_folds)]
+    s2 = float(((Xtr - Xtr.mean(0)) ** 2).sum(1).mean())
+    lr = LogisticRegressionCV(Cs=[c / s2 for c in cs], cv=cv, scoring="neg_log_loss", l1_ratios=(0.0,),
+                              use_legacy_attributes=False, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lr.fit(Xtr, ytr).coef_[0]
+
+
+register_method(DiffMeans, _ref_diff_means)
+register_method(LogisticCV, _ref_logreg)
+register_method(LDA, _ref_lda)
 
 
 def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -435,7 +506,7 @@ def fit_directions(features: dict[tuple, np.ndarray], labels: np.ndarray, groups
     [n, d]: {(key, method): (unit direction [d] float64, separation)}."""
     out = {}
     for key, method in targets:
-        probe = LogisticCV(seed=seed) if method == "logreg" else METHODS[method]()
+        probe = make_probe(method, seed=seed)
         probe.fit(np.asarray(features[key])[rows], np.asarray(labels)[rows], np.asarray(groups)[rows])
         out[(key, method)] = (probe.direction_, probe.separation_)
     return out

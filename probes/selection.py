@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from afprobe.errors import BadInput
-from afprobe.probes.methods import DEFAULT_CS, DTYPE, METHODS, DiffMeans, LogisticCV, Probe, single_thread
+from afprobe.probes.methods import DEFAULT_CS, DTYPE, DiffMeans, Probe, make_probe, single_thread
 from afprobe.probes.metrics import auroc_ci_batch, bootstrap_weights, weighted_auroc
 from afprobe.probes.splits import derive_seed, fold_ids, inner_fold_seed
 from afprobe.probes.sweep import (_MEM_BUDGET, Key, _check_inputs, _chunk_size, _fit, _jsonable, _plan, _Plan,
@@ -199,8 +199,7 @@ def _select(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.ndar
         raise BadInput("the permutation test needs main rows paired by query and family (one training and one "
                        "deployment row each); none are")
     ctx = _Ctx(features, cells, labels, groups, main, logreg_inner_folds, seed, progress,
-               {m: LogisticCV(cs=tuple(cs), inner_folds=logreg_inner_folds, seed=seed) if m == "logreg"
-                else METHODS[m]() for m in methods})
+               {m: make_probe(m, cs=tuple(cs), inner_folds=logreg_inner_folds, seed=seed) for m in methods})
     fid = fold_ids(groups, folds, seed)
     tr_fold = (fid[None, :] != np.arange(folds)[:, None]) & main  # [F, n]
     boot_seed = derive_seed(seed, _TAG_BOOT)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from afprobe.errors import BadInput
-from afprobe.probes.methods import DEFAULT_CS, DTYPE, METHODS, LogisticCV, Probe, finish, single_thread
+from afprobe.probes.methods import DEFAULT_CS, DTYPE, METHODS, Probe, finish, make_probe, single_thread
 from afprobe.probes.metrics import auroc_ci_batch, bootstrap_weights, weighted_auroc
 from afprobe.probes.splits import derive_seed, fold_ids, inner_fold_seed
 
@@ -162,8 +162,7 @@ def _run_sweep(features: dict[Key, np.ndarray], labels: np.ndarray, groups: np.n
         raise BadInput(f"need 0 < ci < 1 and n_boot >= 0, got ci={ci}, n_boot={n_boot}")
     n = len(labels)
     groups, families = groups.astype(str), families.astype(str)
-    probes = {m: (LogisticCV(cs=cs, inner_folds=inner_folds, seed=seed) if m == "logreg" else METHODS[m]())
-              for m in methods}
+    probes = {m: make_probe(m, cs=cs, inner_folds=inner_folds, seed=seed) for m in methods}
     main = main_family_mask(families, control_families)
     if len(np.unique(labels[main])) < 2:
         raise BadInput("labels of the main cue families must contain both 0 and 1")

@@ -13,7 +13,8 @@ import pytest
 from afprobe.bench import FIGURES, run_bench
 
 REQUIRED = ("cache_vs_hf", "prefix_speedup", "steer_vs_generate", "steer_prefix_speedup", "rss_growth_mb",
-            "computed_token_fraction", "probe_sweep_speedup", "probe_max_auroc_diff")
+            "computed_token_fraction", "probe_sweep_speedup", "probe_max_auroc_diff", "trunk_speedup",
+            "prefix_limit_fraction")
 
 
 @pytest.fixture(scope="module")
@@ -54,5 +55,9 @@ def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     assert {k: v["n"] for k, v in pm["per_kind"].items()} == {"main": 6, "shuffled": 6, "random": 6, "control": 6,
                                                               "family": 54}
     assert 0 < ps["main_only"]["sklearn_loop_s_measured"] < ps["sklearn_loop_s_measured"]
+    tr = d["trunk_speedup"]  # same outputs with and without the shared trunk
+    assert tr["n_conditions"] == 7 and tr["max_logodds_diff"] < 1e-5 and tr["same_text_fraction"] == 1.0
+    assert tr["prompt_pass_block_tokens"]["shared"] < tr["prompt_pass_block_tokens"]["unshared"]
+    assert data["prefix_limit_fraction"] == data["prefix_speedup"] * data["computed_token_fraction"]
     table = capsys.readouterr().out
     assert "cache_vs_hf" in table and "probe_sweep_speedup" in table and "probe_max_auroc_diff" in table

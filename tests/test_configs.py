@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
-    assert {"default.yaml", "llama-3.1-8b.yaml", "llama-3.1-70b.yaml"} <= names
+    assert {"default.yaml", "llama-3.1-8b.yaml", "llama-3.3-70b.yaml", "llama-3.3-70b-ndif.yaml", "llama-3.1-405b-base-ndif.yaml", "af-organism-70b.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

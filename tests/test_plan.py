@@ -302,3 +302,68 @@ def test_run_prints_the_plan_before_loading(capsys, tmp_path):
         else:
             plan, loading = out.splitlines()[:2], out.splitlines()[2]
             assert plan[0].startswith("plan: ") and plan[1].startswith("plan: fits: cpu") and loading.startswith("loading")
+
+
+# ---------------------------------------------------------------- the shipped large-model configs are true
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = {  # config -> the Llama shape its model has
+    "llama-3.1-8b.yaml": "8b", "llama-3.3-70b.yaml": "70b", "af-organism-70b.yaml": "70b",
+    "llama-3.3-70b-ndif.yaml": "70b", "llama-3.1-405b-base-ndif.yaml": "405b",
+}
+
+
+def _stated_gpus(text: str) -> int | None:
+    """The GPU count a config's comment states ("at least 2 x 80 GB GPUs", "on one GPU"), or None (remote)."""
+    import re
+
+    found = re.search(r"at least (\d+) x 80 GB GPUs", text)
+    return int(found.group(1)) if found else (1 if "on one GPU" in text else None)
+
+
+def _lora_folder(tmp_path: Path) -> Path:
+    """An adapter_config.json of a rank-64 LoRA on every projection (weights are not needed to plan)."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 64, "lora_alpha": 128,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_agree_with_plan(capsys, tmp_path, name):
+    """`afprobe plan` on each shipped real-model config, its model replaced by a folder holding only a config.json
+    of the right shape: the hardware the config's comment states is what the plan says is needed."""
+    path = CONFIGS_DIR / name
+    text = path.read_text()
+    cfg = yaml.safe_load(text)
+    sets = ["--set", f"model.spec={llama_folder(tmp_path, SHIPPED[name])}"]
+    if cfg["model"].get("adapter"):
+        sets += ["--set", f"model.adapter={_lora_folder(tmp_path)}"]
+    out_json = tmp_path / "plan.json"
+    remote = cfg["model"].get("remote", "none")
+    if remote == "ndif":  # no GPUs here at all: the weights live on the server
+        code, out, _ = run_cli(capsys, path, *sets, "--gpus", "0", "--json", out_json)
+        assert code == 0, out
+        plan = json.loads(out_json.read_text())
+        assert _stated_gpus(text) is None and "any CPU machine" in text
+        assert plan["fits"] and "remote (NDIF)" in plan["verdict"]
+        assert plan["stages"]["remote"]["prefix_reuse"] is False and plan["stages"]["remote"]["jobs"] > 0
+        assert plan["stages"]["cache"]["prefix_passes"] == 0 and "do not apply remotely" in out
+        weights_gb = {"70b": 141, "405b": 811}[SHIPPED[name]]
+        assert abs(plan["memory"]["weights"] / 1e9 - weights_gb) < 0.01 * weights_gb
+        assert f"about {weights_gb} GB" in text or SHIPPED[name] == "70b"
+        return
+    stated = _stated_gpus(text)
+    code, out, _ = run_cli(capsys, path, *sets, "--gpus", str(stated), "--gpu-memory", "80GB", "--json", out_json)
+    assert code == 0, out
+    plan = json.loads(out_json.read_text())
+    assert plan["placement"]["gpus_needed"] == stated
+    if stated > 1:  # one fewer does not fit: exit 2
+        code, _, err = run_cli(capsys, path, *sets, "--gpus", str(stated - 1), "--gpu-memory", "80GB")
+        assert code == 2 and err.startswith("afprobe: error: does not fit")
+    if cfg["model"].get("adapter"):
+        assert plan["model"]["adapters"][0]["rank"] == 64 and plan["model"]["adapters"][0]["params"] > 0
+    if SHIPPED[name] == "70b":
+        assert abs(plan["memory"]["weights"] / 1e9 - 141) < 1.5 and "141 GB" in text

@@ -25,6 +25,22 @@ _HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_po
 _ADD_HOOK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_attn_out", "resid_post": "hook_resid_post"}
 
 
+def edit_hooks(edit: Optional[ResidualEdit], n_layers: int) -> list[tuple[str, Any]]:
+    """(hook name, hook) pairs that apply `edit` on a `TransformerBridge` with `n_layers` blocks."""
+    if edit is None:
+        return []
+    hooks: list[tuple[str, Any]] = []
+    if edit.ablate is not None:
+        ablate = lambda t, hook: project_out(t, edit.ablate)  # noqa: E731
+        for i in range(n_layers):
+            hooks += [(f"blocks.{i}.hook_resid_pre", ablate), (f"blocks.{i}.hook_attn_out", ablate),
+                      (f"blocks.{i}.hook_mlp_out", ablate)]
+    if edit.add is not None:
+        for layer in edit.layers:
+            hooks.append((f"blocks.{layer}.{_ADD_HOOK[edit.site]}", lambda t, hook: edit.steer(t)))
+    return hooks
+
+
 class _StopForward(Exception):
     pass
 
@@ -57,18 +73,7 @@ class TransformerLensBackend(Backend):
             yield
 
     def _edit_hooks(self, edit: Optional[ResidualEdit]) -> list[tuple[str, Any]]:
-        if edit is None:
-            return []
-        hooks: list[tuple[str, Any]] = []
-        if edit.ablate is not None:
-            ablate = lambda t, hook: project_out(t, edit.ablate)  # noqa: E731
-            for i in range(self.n_layers):
-                hooks += [(f"blocks.{i}.hook_resid_pre", ablate), (f"blocks.{i}.hook_attn_out", ablate),
-                          (f"blocks.{i}.hook_mlp_out", ablate)]
-        if edit.add is not None:
-            for layer in edit.layers:
-                hooks.append((f"blocks.{layer}.{_ADD_HOOK[edit.site]}", lambda t, hook: edit.steer(t)))
-        return hooks
+        return edit_hooks(edit, self.n_layers)
 
     def read(self, inputs: ModelInputs, sites: list[SiteKey], weights: torch.Tensor) -> dict[SiteKey, torch.Tensor]:
         out: dict[SiteKey, torch.Tensor] = {}
