@@ -433,20 +433,25 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping (empty file: {}), read with safe loading. Raises BadInput."""
+    if not path.is_file():
+        raise BadInput(f"{what} file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise BadInput(f"{what} {path} must be {shape}")
+    return loaded or {}
+
+
 def load_config(path: Union[str, Path, None], overrides: list[str] = ()) -> Config:
     """Load and validate a YAML config; `None` gives the defaults. Raises BadInput."""
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise BadInput(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise BadInput(f"config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise BadInput(f"config {p} must be a mapping at the top level")
-        data = loaded or {}
+        data = read_yaml_mapping(p, "config", "a mapping at the top level")
         base = p.parent
         for section, key in (("scenario", "system_prompt_file"), ("queries", "path"), ("queries", "benign_path"),
                              ("judge", "prompt_file")):

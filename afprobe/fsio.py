@@ -35,14 +35,15 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def atomic_write_jsonl(path: PathLike, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`default=` for json.dumps: numpy and torch scalars and arrays as plain numbers and lists."""
     if hasattr(obj, "item"):
         return obj.item()
     if hasattr(obj, "tolist"):

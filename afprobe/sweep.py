@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from afprobe.config import Config, apply_override, load_config, validate_config
+from afprobe.config import Config, apply_override, load_config, read_yaml_mapping, validate_config
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_json
 from afprobe.log import log
@@ -219,14 +218,7 @@ def load_sweep(path: Union[str, Path], check_inputs: bool = True) -> Sweep:
     """Read and validate a whole sweep file (every cell's config, and with `check_inputs` its model spec,
     layers, scenario and queries) before any weights load. Raises BadInput naming the dotted key."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise BadInput(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"sweep file {path} must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    raw = read_yaml_mapping(path, "sweep file", f"a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = [k for k in raw if k not in SWEEP_KEYS]
     if unknown:
         raise BadInput(f"sweep file {path}: unknown key '{unknown[0]}' (known: {', '.join(SWEEP_KEYS)})")

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from afprobe.analysis import plots, verdicts
+from afprobe.analysis.numbers import interval, num, p_value
 from afprobe.analysis.report import (
-    CONDITIONS, Doc, RunData, _ci, _f, _p, _signed, load_run, render_html, render_markdown,
+    CONDITIONS, Doc, RunData, load_run, render_html, render_markdown,
 )
 from afprobe.analysis.schema import Summary
 from afprobe.errors import BadInput
@@ -34,26 +35,26 @@ def _rows_for(runs: list[tuple[Path, RunData]]) -> list[list[str]]:
 
     def best(s: Summary) -> str:
         b = s.probe.best
-        return (f"{b.method} L{b.layer} {b.site}/{b.position}: AUROC {_f(b.auroc)} {_ci(b.auroc_ci)} "
-                f"(best of {b.n_cells}, {_p(b.selection_p)}) -> {s.probe.verdict}")
+        return (f"{b.method} L{b.layer} {b.site}/{b.position}: AUROC {num(b.auroc)} {interval(b.auroc_ci)} "
+                f"(best of {b.n_cells}, {p_value(b.selection_p)}) -> {s.probe.verdict}")
 
     def controls(s: Summary) -> str:
         c = s.probe.controls
-        return (f"shuffled mean {_f(c.shuffled.mean)} (q95 {_f(c.shuffled.q95)}); random median "
-                f"{_f(c.random.median)} [{_f(c.random.q05)}, {_f(c.random.q95)}]")
+        return (f"shuffled mean {num(c.shuffled.mean)} (q95 {num(c.shuffled.q95)}); random median "
+                f"{num(c.random.median)} [{num(c.random.q05)}, {num(c.random.q95)}]")
 
     def rate(cond: str) -> Callable[[Summary], str]:
-        return lambda s: f"{_f(getattr(s.compliance, cond).rate)} {_ci(getattr(s.compliance, cond).ci)}"
+        return lambda s: f"{num(getattr(s.compliance, cond).rate)} {interval(getattr(s.compliance, cond).ci)}"
 
     out = [
         row("queries / layers", lambda s: f"{s.n_queries} / {s.n_layers}"),
         row("best probe", best),
         row("probe controls", controls),
-        row("swapped-semantics control", lambda s: f"{_f(s.probe.swapped.auroc)} {_ci(s.probe.swapped.auroc_ci)} "
+        row("swapped-semantics control", lambda s: f"{num(s.probe.swapped.auroc)} {interval(s.probe.swapped.auroc_ci)} "
                                                   f"-> {s.probe.swapped.verdict}"),
         *[row(f"compliance, {cond} cue", rate(cond)) for cond in CONDITIONS],
-        row("compliance gap", lambda s: f"{_signed(s.compliance.gap.estimate)} {_ci(s.compliance.gap.ci)}, "
-                                        f"{_p(s.compliance.gap.mcnemar_p)} -> {s.compliance.gap.verdict}"),
+        row("compliance gap", lambda s: f"{num(s.compliance.gap.estimate, signed=True)} {interval(s.compliance.gap.ci)}, "
+                                        f"{p_value(s.compliance.gap.mcnemar_p)} -> {s.compliance.gap.verdict}"),
         row("scorer", lambda s: s.compliance.scorer),
     ]
     families = list(dict.fromkeys(f for _, d in runs for f in ((d.summary and d.summary.compliance_by_family) or {})))
@@ -67,12 +68,12 @@ def _rows_for(runs: list[tuple[Path, RunData]]) -> list[list[str]]:
         def check(s: Summary, mode: str = mode) -> str:
             c = next(c for c in s.steering.checks if c.mode == mode)
             flag = "n/a" if c.monotone is None else "yes" if c.monotone else "NO"
-            return (f"monotone {flag}; probe {_f(c.probe_effect)} vs random {_f(c.random_effect)} "
-                    f"(n = {c.n_random}); difference {_signed(c.effect_diff)} {_ci(c.effect_diff_ci)} -> {c.verdict}")
+            return (f"monotone {flag}; probe {num(c.probe_effect)} vs random {num(c.random_effect)} "
+                    f"(n = {c.n_random}); difference {num(c.effect_diff, signed=True)} {interval(c.effect_diff_ci)} -> {c.verdict}")
         out.append(row(f"steering, {mode} mode", check))
     out.append(row("known-answer check", lambda s: "passed" if s.known_answer.passed else "FAILED"))
     out.append(row("seconds (cache / probe / steer / report)", lambda s: " / ".join(
-        _f(s.timings_s.get(k), 0) for k in ("cache", "probe", "steer", "report"))))
+        num(s.timings_s.get(k), 0) for k in ("cache", "probe", "steer", "report"))))
     return out
 
 
@@ -110,10 +111,10 @@ def build_comparison(run_dirs: Sequence[Path]) -> Doc:
             base, org = card.get("heldout_gap_base") or {}, card.get("heldout_gap_organism") or {}
             doc.h(f"{path.name}: the adapter on its {card.get('n_heldout')} held-out requests", 3)
             doc.table(["cue family", "base model gap", "base log-odds gap", "organism gap", "organism log-odds gap"],
-                      [[fam, f"{_signed((base.get(fam) or {}).get('gap'))} {_ci((base.get(fam) or {}).get('gap_ci'))}",
-                        _signed((base.get(fam) or {}).get("log_odds_gap")),
-                        f"{_signed((org.get(fam) or {}).get('gap'))} {_ci((org.get(fam) or {}).get('gap_ci'))}",
-                        _signed((org.get(fam) or {}).get("log_odds_gap"))] for fam in dict.fromkeys([*org, *base])])
+                      [[fam, f"{num((base.get(fam) or {}).get('gap'), signed=True)} {interval((base.get(fam) or {}).get('gap_ci'))}",
+                        num((base.get(fam) or {}).get("log_odds_gap"), signed=True),
+                        f"{num((org.get(fam) or {}).get('gap'), signed=True)} {interval((org.get(fam) or {}).get('gap_ci'))}",
+                        num((org.get(fam) or {}).get("log_odds_gap"), signed=True)] for fam in dict.fromkeys([*org, *base])])
     for (path, data), label in zip(runs, labels):
         _steering_figures(doc, path, data, label)
     return doc

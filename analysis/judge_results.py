@@ -17,26 +17,20 @@ Per cell (direction, replicate, mode, layer, site, alpha):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 from afprobe.analysis import stats, verdicts
+from afprobe.analysis.numbers import finite, or_nan
 
 CELL_KEYS = ("direction", "replicate", "mode", "layer", "site", "alpha")
 CUES = ("training", "deployment")
 
 
-def _num(x: Any) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
-
-
-def _nan(x: Optional[int]) -> float:
-    return float("nan") if x is None else float(x)
 
 
 def _rate(values: Sequence[Optional[int]], ci: float) -> dict:
-    r = stats.rate([_nan(v) for v in values], ci)
-    return {"rate": _num(r["rate"]), "ci": [_num(c) for c in r["ci"]], "n": r["n"], "k": r["k"],
+    r = stats.rate([or_nan(v) for v in values], ci)
+    return {"rate": finite(r["rate"]), "ci": [finite(c) for c in r["ci"]], "n": r["n"], "k": r["k"],
             "unjudged": r["unparsed"]}
 
 
@@ -51,7 +45,7 @@ def _by_query(recs: list[dict], cue: str, field: str) -> dict[str, Optional[int]
 def _paired(recs: list[dict], field: str) -> tuple[list[float], list[float], list[str]]:
     tr, de = _by_query(recs, "training", field), _by_query(recs, "deployment", field)
     queries = sorted(set(tr) & set(de))
-    return [_nan(tr[q]) for q in queries], [_nan(de[q]) for q in queries], queries
+    return [or_nan(tr[q]) for q in queries], [or_nan(de[q]) for q in queries], queries
 
 
 def _is_unsteered(key: tuple) -> bool:
@@ -74,19 +68,19 @@ def summarise_cells(records: list[dict], ci: float = 0.95) -> list[dict]:
             row[cue] = {**_rate([r.get("af") for r in mine], ci),
                         "partial": _rate([r.get("partial") for r in mine], ci),
                         "compliance": _rate([{"accepted": 1, "rejected": 0}.get(r.get("tag")) for r in mine], ci),
-                        "mean_score": _num(_mean([r.get("score") for r in mine]))}
+                        "mean_score": finite(_mean([r.get("score") for r in mine]))}
         t, d, _ = _paired(recs, "af")
         g = stats.paired_gap(t, d, ci)
-        row["difference"] = {"estimate": _num(g["gap"]), "ci": [_num(c) for c in g["ci"]],
-                             "mcnemar_p": _num(g["p_value"]), "n_pairs": g["n_pairs"], "discordant": g["discordant"],
+        row["difference"] = {"estimate": finite(g["gap"]), "ci": [finite(c) for c in g["ci"]],
+                             "mcnemar_p": finite(g["p_value"]), "n_pairs": g["n_pairs"], "discordant": g["discordant"],
                              "verdict": verdicts.gap_verdict(g["p_value"]), "interval_method": g["interval_method"]}
         row["p_training_vs0"] = row["p_deployment_vs0"] = None
         if base is not None and not _is_unsteered(key):
             for cue in CUES:
                 before, after = _by_query(base, cue, "af"), _by_query(recs, cue, "af")
                 qs = sorted(set(before) & set(after))
-                test = stats.mcnemar_paired([_nan(before[q]) for q in qs], [_nan(after[q]) for q in qs])
-                row[f"p_{cue}_vs0"] = _num(test["p_value"])
+                test = stats.mcnemar_paired([or_nan(before[q]) for q in qs], [or_nan(after[q]) for q in qs])
+                row[f"p_{cue}_vs0"] = finite(test["p_value"])
         out.append(row)
     steered = [(i, cue) for i, row in enumerate(out) for cue in CUES if row[f"p_{cue}_vs0"] is not None]
     adjusted = stats.holm([out[i][f"p_{cue}_vs0"] for i, cue in steered])
@@ -94,7 +88,7 @@ def summarise_cells(records: list[dict], ci: float = 0.95) -> list[dict]:
         row["p_training_holm"] = row["p_deployment_holm"] = None
         row["vs_unsteered"] = None
     for (i, cue), p in zip(steered, adjusted):
-        out[i][f"p_{cue}_holm"] = _num(p)
+        out[i][f"p_{cue}_holm"] = finite(p)
     for row in out:
         if row["p_training_vs0"] is not None or row["p_deployment_vs0"] is not None:
             row["vs_unsteered"] = verdicts.moved_verdict([row["p_training_holm"], row["p_deployment_holm"]])

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from afprobe.analysis import plots, verdicts
+from afprobe.analysis.numbers import interval, is_finite, num, or_nan, p_value
 from afprobe.analysis.schema import MetricsRow, SteeringRow, Summary, read_rows, read_summary
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_bytes, atomic_write_text
@@ -36,48 +37,14 @@ Row = dict[str, Any]
 
 # ----------------------------------------------------------------------------- formatting
 
-def _isnum(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _f(x: Any, digits: int = 2) -> str:
-    """A number with fixed decimals; 'n/a' when missing or not finite."""
-    return f"{float(x):.{digits}f}" if _isnum(x) else "n/a"
-
-
-def _signed(x: Any, digits: int = 2) -> str:
-    return f"{float(x):+.{digits}f}" if _isnum(x) else "n/a"
-
-
-def _ci(pair: Any, digits: int = 2) -> str:
-    if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_isnum(v) for v in pair):
-        return f"[{_f(pair[0], digits)}, {_f(pair[1], digits)}]"
-    return "[n/a]"
-
-
-def _pnum(p: Any) -> str:
-    if not _isnum(p):
-        return "n/a"
-    return "< 0.001" if p < 0.001 else f"{p:.3g}"
-
-
-def _p(p: Any) -> str:
-    text = _pnum(p)
-    return f"p {text}" if text.startswith("<") else f"p = {text}"
-
-
-def _nan(x: Any) -> float:
-    return float(x) if _isnum(x) else NAN
-
-
 def _int(x: Any) -> str:
-    return str(int(x)) if _isnum(x) and float(x).is_integer() else (_f(x) if _isnum(x) else "n/a")
+    return str(int(x)) if is_finite(x) and float(x).is_integer() else (num(x) if is_finite(x) else "n/a")
 
 
 def _value(v: Any) -> str:
     """Generic rendering for key/value tables."""
     if v is None or isinstance(v, float):
-        return f"{v:.4g}" if _isnum(v) else "n/a"
+        return f"{v:.4g}" if is_finite(v) else "n/a"
     if isinstance(v, (dict, list, tuple)):
         return json.dumps(v, default=str)
     return str(v)
@@ -284,7 +251,7 @@ def _probe_section(doc: Doc, data: RunData) -> None:
         doc.p(verdicts.describe_probe(probe.model_dump()))
         b = probe.best
         doc.p(f"The best cell was the maximum of {b.n_cells} eligible cells; its plain cross-validated AUROC "
-              f"({_f(b.naive_auroc)}) is biased upward by that choice, so the headline AUROC comes from "
+              f"({num(b.naive_auroc)}) is biased upward by that choice, so the headline AUROC comes from "
               f"{'nested cross-validation (the choice made inside each outer fold)' if b.selection == 'nested' else 'a held-out query split'}"
               " and its p-value from the maximum over all eligible cells under within-pair label permutations.")
         if b.fold_choices:
@@ -301,12 +268,12 @@ def _probe_section(doc: Doc, data: RunData) -> None:
         methods: dict[str, dict] = {}
         for m in dict.fromkeys(r.method for r in at_best):
             rows = sorted((r for r in at_best if r.method == m), key=lambda r: r.layer)
-            methods[m] = {"x": [r.layer for r in rows], "y": [_nan(r.auroc) for r in rows],
-                          "lo": [_nan(r.auroc_lo) for r in rows], "hi": [_nan(r.auroc_hi) for r in rows]}
+            methods[m] = {"x": [r.layer for r in rows], "y": [or_nan(r.auroc) for r in rows],
+                          "lo": [or_nan(r.auroc_lo) for r in rows], "hi": [or_nan(r.auroc_hi) for r in rows]}
         ref = sorted((r for r in at_best if r.method == method), key=lambda r: r.layer)
-        controls = {name: {"x": [r.layer for r in ref], "y": [_nan(getattr(r, col)) for r in ref]}
+        controls = {name: {"x": [r.layer for r in ref], "y": [or_nan(getattr(r, col)) for r in ref]}
                     for name, col in (("shuffled", "shuffled_auroc"), ("random", "random_auroc"))
-                    if any(_isnum(getattr(r, col)) for r in ref)}
+                    if any(is_finite(getattr(r, col)) for r in ref)}
         doc.fig("probe_auroc_by_layer",
                 f"Plain cross-validated probe AUROC by layer ({site}, {position}; not selection-aware); bands "
                 f"are query-bootstrap intervals; the controls are one label permutation and one random "
@@ -315,22 +282,22 @@ def _probe_section(doc: Doc, data: RunData) -> None:
         doc.h("Best layer per method (plain cross-validation)", 3)
         rows = []
         for m in methods:
-            r = max((r for r in at_best if r.method == m and _isnum(r.auroc)), key=lambda r: r.auroc, default=None)
+            r = max((r for r in at_best if r.method == m and is_finite(r.auroc)), key=lambda r: r.auroc, default=None)
             if r:
-                rows.append([m, _int(r.layer), _f(r.auroc), _ci([r.auroc_lo, r.auroc_hi]), _f(r.accuracy),
-                             _f(r.shuffled_auroc), _f(r.random_auroc), _int(r.n)])
+                rows.append([m, _int(r.layer), num(r.auroc), interval([r.auroc_lo, r.auroc_hi]), num(r.accuracy),
+                             num(r.shuffled_auroc), num(r.random_auroc), _int(r.n)])
         doc.table(["method", "layer", "AUROC", "CI", "accuracy", "shuffled", "random", "n"], rows)
     grid: dict[tuple[str, str], MetricsRow] = {}
     for r in pooled:
         key = (r.site, r.position)
-        if _isnum(r.auroc) and (key not in grid or r.auroc > grid[key].auroc):
+        if is_finite(r.auroc) and (key not in grid or r.auroc > grid[key].auroc):
             grid[key] = r
     if len(grid) > 1:
         doc.h("Best plain AUROC per site and position", 3)
         doc.p("Cue-token positions can separate the cues by token identity alone, even at layer 0; only the "
               "eligible cells (probes.best_positions, probes.min_best_layer) compete for the headline.")
         doc.table(["site", "position", "AUROC", "CI", "layer", "method"],
-                  [[s_, p_, _f(r.auroc), _ci([r.auroc_lo, r.auroc_hi]), _int(r.layer), r.method]
+                  [[s_, p_, num(r.auroc), interval([r.auroc_lo, r.auroc_hi]), _int(r.layer), r.method]
                    for (s_, p_), r in grid.items()])
     if data.projection:
         counts: dict[tuple[str, str], int] = {}
@@ -354,11 +321,11 @@ def _generalization(doc: Doc, probe: Any) -> None:
     if cells:
         train = list(cells)
         test = list(dict.fromkeys(t for row in cells.values() for t in row))
-        matrix = [[_nan(cells[a][b].auroc) if b in cells[a] else NAN for b in test] for a in train]
+        matrix = [[or_nan(cells[a][b].auroc) if b in cells[a] else NAN for b in test] for a in train]
         doc.fig("generalization", "AUROC of a probe trained on one cue family (rows) and tested on another "
                 "(columns) at the best cell.", plots.generalization_heatmap(train, test, matrix))
         doc.table(["trained on", "tested on", "AUROC", "CI", "verdict"],
-                  [[a, b, _f(c.auroc), _ci(c.auroc_ci), verdicts.TRANSFER_WORDS[c.verdict]]
+                  [[a, b, num(c.auroc), interval(c.auroc_ci), verdicts.TRANSFER_WORDS[c.verdict]]
                    for a, row in cells.items() for b, c in row.items() if a != b])
     else:
         doc.p("No generalisation matrix was recorded (one cue family).")
@@ -385,16 +352,16 @@ def _compliance_section(doc: Doc, data: RunData) -> None:
     rows = []
     for cond in CONDITIONS:
         c = getattr(comp, cond)
-        rows.append([cond, _f(c.rate), _ci(c.ci), _int(c.n), _int(c.n_parsed), _int(comp.unparsed.get(cond))])
+        rows.append([cond, num(c.rate), interval(c.ci), _int(c.n), _int(c.n_parsed), _int(comp.unparsed.get(cond))])
     doc.table(["cue condition", "rate (paired queries)", "CI", "n paired", "n parsed", "unparsed"], rows)
     g = comp.gap
-    doc.p(f"Gap (training minus deployment) = {_signed(g.estimate)} {_ci(g.ci)} ({g.interval_method}), exact "
-          f"McNemar {_p(g.mcnemar_p)}; discordant pairs (training only, deployment only) = {g.discordant}. "
+    doc.p(f"Gap (training minus deployment) = {num(g.estimate, signed=True)} {interval(g.ci)} ({g.interval_method}), exact "
+          f"McNemar {p_value(g.mcnemar_p)}; discordant pairs (training only, deployment only) = {g.discordant}. "
           "Rates and gap are computed on the same paired queries (both cues parsed).")
     rates = {cond: (getattr(comp, cond).rate, *getattr(comp, cond).ci) for cond in CONDITIONS
-             if _isnum(getattr(comp, cond).rate) and all(_isnum(v) for v in getattr(comp, cond).ci)}
+             if is_finite(getattr(comp, cond).rate) and all(is_finite(v) for v in getattr(comp, cond).ci)}
     if rates:
-        gap_triple = (g.estimate, *g.ci) if _isnum(g.estimate) and all(_isnum(v) for v in g.ci) else None
+        gap_triple = (g.estimate, *g.ci) if is_finite(g.estimate) and all(is_finite(v) for v in g.ci) else None
         doc.fig("compliance", "Compliance per cue condition (Wilson intervals) and the paired gap (Newcombe "
                 "interval agreeing with exact McNemar).", plots.compliance_bars(rates, gap_triple))
     doc.h("Other compliance values", 3)
@@ -408,8 +375,8 @@ def _compliance_section(doc: Doc, data: RunData) -> None:
         doc.p("Unsteered compliance on the steering queries under each cue family present. The probe direction "
               "and the steering sweep use the first family; the others show whether the gap transfers.")
         doc.table(["cue family", "training", "deployment", "gap", "CI", "McNemar p", "log-odds gap", "verdict"],
-                  [[fam, _f(c.training.rate), _f(c.deployment.rate), _signed(c.gap.estimate), _ci(c.gap.ci),
-                    _pnum(c.gap.mcnemar_p), _signed(c.log_odds.gap),
+                  [[fam, num(c.training.rate), num(c.deployment.rate), num(c.gap.estimate, signed=True), interval(c.gap.ci),
+                    p_value(c.gap.mcnemar_p, prefix=False), num(c.log_odds.gap, signed=True),
                     verdicts.describe_family_gap(fam, c.model_dump(), fam in controls)]
                    for fam, c in by_family.items()])
 
@@ -418,8 +385,8 @@ def _compliance_section(doc: Doc, data: RunData) -> None:
 
 def _series(rows: list[SteeringRow], y: str) -> dict:
     """Plot series against alpha; a row without alpha (ablation) is drawn at alpha 0."""
-    return {"x": [r.alpha if _isnum(r.alpha) else 0.0 for r in rows], "y": [_nan(getattr(r, y)) for r in rows],
-            "lo": [_nan(getattr(r, f"{y}_lo")) for r in rows], "hi": [_nan(getattr(r, f"{y}_hi")) for r in rows]}
+    return {"x": [r.alpha if is_finite(r.alpha) else 0.0 for r in rows], "y": [or_nan(getattr(r, y)) for r in rows],
+            "lo": [or_nan(getattr(r, f"{y}_lo")) for r in rows], "hi": [or_nan(getattr(r, f"{y}_hi")) for r in rows]}
 
 
 def _steering_section(doc: Doc, data: RunData) -> None:
@@ -436,14 +403,14 @@ def _steering_section(doc: Doc, data: RunData) -> None:
         doc.p(verdicts.describe_selection(summary.model_dump()))
         doc.table(["direction from", "layer", "site", "position", "method", "alpha unit (separation)",
                    "separation at steered tokens", "fit queries", "reported queries"],
-                  [[d.source, _int(d.layer), d.site, d.position, d.method, _f(d.separation_used),
-                    _f(d.separation_at_steered_positions), _int(d.fit_queries), _int(d.report_queries)]
+                  [[d.source, _int(d.layer), d.site, d.position, d.method, num(d.separation_used),
+                    num(d.separation_at_steered_positions), _int(d.fit_queries), _int(d.report_queries)]
                    for d in summary.directions])
         doc.ul([verdicts.describe_check(c.model_dump()) for c in summary.checks])
     groups: dict[tuple, list[SteeringRow]] = {}
     for r in rows:
         groups.setdefault((r.mode, r.direction, r.replicate, r.layer), []).append(r)
-    groups = {k: sorted(v, key=lambda r: r.alpha if _isnum(r.alpha) else -math.inf) for k, v in groups.items()}
+    groups = {k: sorted(v, key=lambda r: r.alpha if is_finite(r.alpha) else -math.inf) for k, v in groups.items()}
     layers = {k[3] for k in groups}
     for mode in dict.fromkeys(r.mode for r in rows):
         gap, rates = {}, {}
@@ -451,7 +418,7 @@ def _steering_section(doc: Doc, data: RunData) -> None:
             if m != mode:
                 continue
             label = direction + (f" {replicate}" if direction == "random" else "") + \
-                (f" L{layer}" if len(layers) > 1 else "") + ("" if any(_isnum(r.alpha) for r in grp) else " (at 0)")
+                (f" L{layer}" if len(layers) > 1 else "") + ("" if any(is_finite(r.alpha) for r in grp) else " (at 0)")
             gap[label] = _series(grp, "gap")
             for cond in CONDITIONS:
                 rates[f"{label} / {cond}"] = _series(grp, f"rate_{cond}")
@@ -464,10 +431,10 @@ def _steering_section(doc: Doc, data: RunData) -> None:
     doc.table(["direction", "mode", "layer", "site", "alpha", "training", "deployment", "gap", "p",
                "p vs 0 (Holm) tr / dep", "verdict", "unparsed tr / dep", "n"],
               [[r.direction + (f" {r.replicate}" if r.direction == "random" else ""), r.mode, _int(r.layer), r.site,
-                _f(r.alpha), f"{_f(r.rate_training)} {_ci([r.rate_training_lo, r.rate_training_hi])}",
-                f"{_f(r.rate_deployment)} {_ci([r.rate_deployment_lo, r.rate_deployment_hi])}",
-                f"{_signed(r.gap)} {_ci([r.gap_lo, r.gap_hi])}", _pnum(r.p_value),
-                f"{_pnum(r.p_training_holm)} / {_pnum(r.p_deployment_holm)}",
+                num(r.alpha), f"{num(r.rate_training)} {interval([r.rate_training_lo, r.rate_training_hi])}",
+                f"{num(r.rate_deployment)} {interval([r.rate_deployment_lo, r.rate_deployment_hi])}",
+                f"{num(r.gap, signed=True)} {interval([r.gap_lo, r.gap_hi])}", p_value(r.p_value, prefix=False),
+                f"{p_value(r.p_training_holm, prefix=False)} / {p_value(r.p_deployment_holm, prefix=False)}",
                 "unsteered" if r.vs_unsteered is None else verdicts.MOVED_WORDS[r.vs_unsteered],
                 f"{_int(r.unparsed_training)} / {_int(r.unparsed_deployment)}", _int(r.n)] for r in rows])
 
@@ -502,19 +469,19 @@ def _judge_section(doc: Doc, data: RunData) -> None:
     doc.table(["direction", "mode", "layer", "alpha", "AF training", "AF deployment", "difference", "p",
                "p vs 0 (Holm) tr / dep", "partial tr / dep", "compliance tr / dep", "unjudged tr / dep"],
               [[c.direction + (f" {c.replicate}" if c.direction == "random" else ""), c.mode, _int(c.layer),
-                _f(c.alpha), f"{_f(c.training.rate)} {_ci(c.training.ci)}", f"{_f(c.deployment.rate)} {_ci(c.deployment.ci)}",
-                f"{_signed(c.difference.estimate)} {_ci(c.difference.ci)}", _pnum(c.difference.mcnemar_p),
-                f"{_pnum(c.p_training_holm)} / {_pnum(c.p_deployment_holm)}",
-                f"{_f(c.training.partial.rate)} / {_f(c.deployment.partial.rate)}",
-                f"{_f(c.training.compliance.rate)} / {_f(c.deployment.compliance.rate)}",
+                num(c.alpha), f"{num(c.training.rate)} {interval(c.training.ci)}", f"{num(c.deployment.rate)} {interval(c.deployment.ci)}",
+                f"{num(c.difference.estimate, signed=True)} {interval(c.difference.ci)}", p_value(c.difference.mcnemar_p, prefix=False),
+                f"{p_value(c.p_training_holm, prefix=False)} / {p_value(c.p_deployment_holm, prefix=False)}",
+                f"{num(c.training.partial.rate)} / {num(c.deployment.partial.rate)}",
+                f"{num(c.training.compliance.rate)} / {num(c.deployment.compliance.rate)}",
                 f"{c.training.unjudged} / {c.deployment.unjudged}"] for c in judge.cells])
     if data.judge_examples:
         doc.h("Judged traces (examples)", 3)
         doc.p("A few traces per cell: the highest- and lowest-scoring by the judge. Reasoning and output are "
               "shortened here; steering/generations.jsonl has them in full, judge/verdicts.jsonl every vote.")
         doc.table(["cell", "cue", "query", "AF score", "votes", "reasoning", "output"],
-                  [[f"{ex.get('direction')} {ex.get('mode')} L{ex.get('layer')} a{_f(ex.get('alpha'))}",
-                    str(ex.get("condition")), str(ex.get("query_id")), _f(ex.get("score")), _votes_text(ex),
+                  [[f"{ex.get('direction')} {ex.get('mode')} L{ex.get('layer')} a{num(ex.get('alpha'))}",
+                    str(ex.get("condition")), str(ex.get("query_id")), num(ex.get("score")), _votes_text(ex),
                     _clip(ex.get("reasoning"), 700), _clip(ex.get("output"), 200) or "(no OUTPUT block)"]
                    for ex in data.judge_examples])
 
@@ -573,7 +540,7 @@ def _stage_status(data: RunData) -> tuple[list[list[str]], list[str], list[str]]
         if "fail" in status.lower() or "error" in status.lower():
             failed.append(name)
         details = ", ".join(f"{k}={_value(v)}" for k, v in info.items() if k not in ("status", "seconds"))
-        rows.append([name, status, _f(info.get("seconds"), 1), _f(timings.get(name), 1), details])
+        rows.append([name, status, num(info.get("seconds"), 1), num(timings.get(name), 1), details])
     return rows, not_run, failed
 
 
@@ -682,6 +649,6 @@ def _scorer_table(doc: Any, by_scorer: dict, used: str) -> None:
     rows = []
     for name, c in by_scorer.items():
         about = SCORERS[name].description if name in SCORERS else ""
-        rows.append([name + (" (used)" if name == used else ""), _f(c.training.rate), _f(c.deployment.rate),
-                     _signed(c.gap.estimate), about])
+        rows.append([name + (" (used)" if name == used else ""), num(c.training.rate), num(c.deployment.rate),
+                     num(c.gap.estimate, signed=True), about])
     doc.table(["scorer", "training", "deployment", "gap", "what counts as compliance"], rows)

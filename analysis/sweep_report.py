@@ -6,12 +6,12 @@ Verdicts are read from the summaries (decided in analysis/verdicts.py), never de
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from afprobe.analysis.numbers import finite, interval, num, or_nan
 from afprobe.analysis.plots import _figure, _png
 from afprobe.analysis.report import Doc, POOLED, render_html, render_markdown
 from afprobe.analysis.schema import MetricsRow, Summary, read_rows, read_summary
@@ -27,12 +27,9 @@ COLUMNS = ["cell", "status", "model", "variant", "gap", "gap_ci_lo", "gap_ci_hi"
            "effect_diff_lo", "effect_diff_hi", "specificity_verdict", "reuse"]
 
 
-def _num(x: Any) -> Optional[float]:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
 
 def _pair(ci: Any) -> tuple[Optional[float], Optional[float]]:
-    return (_num(ci[0]), _num(ci[1])) if ci and len(ci) == 2 else (None, None)
+    return (finite(ci[0]), finite(ci[1])) if ci and len(ci) == 2 else (None, None)
 
 
 def cell_row(name: str, status: str, reason: str, overrides: dict, summary: Optional[Summary],
@@ -47,9 +44,9 @@ def cell_row(name: str, status: str, reason: str, overrides: dict, summary: Opti
     c = summary.compliance
     if c is not None:
         lo, hi = _pair(c.gap.ci)
-        row.update(scorer=c.scorer, gap=_num(c.gap.estimate), gap_ci_lo=lo, gap_ci_hi=hi, gap_verdict=c.gap.verdict,
-                   mcnemar_p=_num(c.gap.mcnemar_p), n_pairs=c.gap.n_pairs,
-                   rate_training=_num(c.training.rate), rate_deployment=_num(c.deployment.rate))
+        row.update(scorer=c.scorer, gap=finite(c.gap.estimate), gap_ci_lo=lo, gap_ci_hi=hi, gap_verdict=c.gap.verdict,
+                   mcnemar_p=finite(c.gap.mcnemar_p), n_pairs=c.gap.n_pairs,
+                   rate_training=finite(c.training.rate), rate_deployment=finite(c.deployment.rate))
         row["rate_training_lo"], row["rate_training_hi"] = _pair(c.training.ci)
         row["rate_deployment_lo"], row["rate_deployment_hi"] = _pair(c.deployment.ci)
     if summary.compliance_by_family:
@@ -59,11 +56,11 @@ def cell_row(name: str, status: str, reason: str, overrides: dict, summary: Opti
         b = p.best
         depth = (summary.n_layers or 0) - 1
         row.update(best_layer=b.layer, best_layer_frac=round(b.layer / depth, 4) if depth > 0 else None,
-                   best_site=b.site, best_position=b.position, best_method=b.method, auroc=_num(b.auroc),
-                   selection_p=_num(b.selection_p), probe_verdict=p.verdict)
+                   best_site=b.site, best_position=b.position, best_method=b.method, auroc=finite(b.auroc),
+                   selection_p=finite(b.selection_p), probe_verdict=p.verdict)
         row["auroc_ci_lo"], row["auroc_ci_hi"] = _pair(b.auroc_ci)
         if p.swapped is not None:
-            row.update(swapped_family=p.swapped.family, swapped_auroc=_num(p.swapped.auroc),
+            row.update(swapped_family=p.swapped.family, swapped_auroc=finite(p.swapped.auroc),
                        swapped_verdict=p.swapped.verdict)
     s = summary.steering
     if s is not None and s.checks:
@@ -71,9 +68,9 @@ def cell_row(name: str, status: str, reason: str, overrides: dict, summary: Opti
         spread = _pair(ch.random_spread)
         diff = _pair(ch.effect_diff_ci)
         row.update(steer_mode=ch.mode, steer_layer=ch.layer,
-                   steer_alpha=max((abs(a) for a in ch.alphas), default=None), probe_effect=_num(ch.probe_effect),
-                   random_effect=_num(ch.random_effect), random_effect_min=spread[0], random_effect_max=spread[1],
-                   effect_diff=_num(ch.effect_diff), effect_diff_lo=diff[0], effect_diff_hi=diff[1],
+                   steer_alpha=max((abs(a) for a in ch.alphas), default=None), probe_effect=finite(ch.probe_effect),
+                   random_effect=finite(ch.random_effect), random_effect_min=spread[0], random_effect_max=spread[1],
+                   effect_diff=finite(ch.effect_diff), effect_diff_lo=diff[0], effect_diff_hi=diff[1],
                    specificity_verdict=ch.verdict)
     return row
 
@@ -89,22 +86,20 @@ def _auroc_curve(cell_dir: Path, summary: Summary) -> Optional[dict[str, list[fl
     if not keep:
         return None
     depth = max(summary.n_layers - 1, 1)
-    return {"x": [r.layer / depth for r in keep], "y": [_nan(r.auroc) for r in keep],
-            "lo": [_nan(r.auroc_lo) for r in keep], "hi": [_nan(r.auroc_hi) for r in keep]}
+    return {"x": [r.layer / depth for r in keep], "y": [or_nan(r.auroc) for r in keep],
+            "lo": [or_nan(r.auroc_lo) for r in keep], "hi": [or_nan(r.auroc_hi) for r in keep]}
 
 
-def _nan(x: Any) -> float:
-    v = _num(x)
-    return float("nan") if v is None else v
 
 
-def _fmt(x: Any, digits: int = 2) -> str:
-    v = _num(x)
-    return "" if v is None else f"{v:+.{digits}f}" if digits else str(v)
+
+def _signed(x: Any) -> str:
+    """Table cells: signed, two decimals, empty when missing."""
+    return num(x, signed=True, missing="")
 
 
-def _ci(lo: Any, hi: Any) -> str:
-    return "" if _num(lo) is None or _num(hi) is None else f"[{lo:+.2f}, {hi:+.2f}]"
+def _signed_ci(lo: Any, hi: Any) -> str:
+    return interval([lo, hi], signed=True, missing="")
 
 
 def _axes_keys(varying: list[str], cells: list[dict]) -> list[str]:
@@ -130,9 +125,9 @@ def gap_heatmap(rows: list[dict], keys: list[str], overrides: dict[str, dict]) -
     for r in rows:
         i = rvals.index(_label(overrides[r["cell"]].get(rk))) if rk else 0
         j = cvals.index(_label(overrides[r["cell"]].get(ck))) if ck else 0
-        if _num(r.get("gap")) is not None:
+        if finite(r.get("gap")) is not None:
             grid[i, j] = r["gap"]
-            text[i][j] = f"{r['gap']:+.2f}\n{_ci(r.get('gap_ci_lo'), r.get('gap_ci_hi'))}\n{r.get('gap_verdict') or ''}"
+            text[i][j] = f"{r['gap']:+.2f}\n{_signed_ci(r.get('gap_ci_lo'), r.get('gap_ci_hi'))}\n{r.get('gap_verdict') or ''}"
         else:
             text[i][j] = r.get("status", "")
     fig, (ax,) = _figure(max(4.5, 1.9 * len(cvals) + 2.5), max(2.4, 0.9 * len(rvals) + 1.2))
@@ -164,16 +159,16 @@ def auroc_depth_plot(curves: dict[str, dict[str, list[float]]]) -> bytes:
 
 
 def steering_plot(rows: list[dict]) -> bytes:
-    have = [r for r in rows if _num(r.get("probe_effect")) is not None]
+    have = [r for r in rows if finite(r.get("probe_effect")) is not None]
     fig, (ax,) = _figure(6.4, max(2.0, 0.45 * len(have) + 1.2))
     for i, r in enumerate(have):
         ax.plot([r["probe_effect"]], [i], "o", color="tab:blue", label="probe direction" if i == 0 else None)
-        if _num(r.get("random_effect")) is not None:
+        if finite(r.get("random_effect")) is not None:
             lo, hi = r.get("random_effect_min"), r.get("random_effect_max")
-            err = [[r["random_effect"] - lo], [hi - r["random_effect"]]] if _num(lo) is not None and _num(hi) is not None else None
+            err = [[r["random_effect"] - lo], [hi - r["random_effect"]]] if finite(lo) is not None and finite(hi) is not None else None
             ax.errorbar([r["random_effect"]], [i + 0.2], xerr=err, fmt="s", color="black", capsize=3,
                         label="random controls (mean, min-max)" if i == 0 else None)
-        if _num(r.get("effect_diff")) is not None and _num(r.get("effect_diff_lo")) is not None:
+        if finite(r.get("effect_diff")) is not None and finite(r.get("effect_diff_lo")) is not None:
             ax.errorbar([r["effect_diff"]], [i - 0.2], xerr=[[r["effect_diff"] - r["effect_diff_lo"]],
                                                             [r["effect_diff_hi"] - r["effect_diff"]]],
                         fmt="d", color="tab:red", capsize=3, label="probe - random (95% CI)" if i == 0 else None)
@@ -227,12 +222,12 @@ def write_sweep_report(out: Path) -> dict[str, Path]:
           f"{len(last['cells_run'])} of them)" if last.get("model_loads") else ""))
     doc.table(["cell", "status", "gap [CI]", "verdict", "McNemar p", "best layer (depth)", "AUROC [CI]",
                "selection p", "swapped", "reuse / reason"],
-              [[r["cell"], r["status"], f"{_fmt(r.get('gap'))} {_ci(r.get('gap_ci_lo'), r.get('gap_ci_hi'))}".strip(),
-                r.get("gap_verdict") or "", "" if _num(r.get("mcnemar_p")) is None else f"{r['mcnemar_p']:.3g}",
+              [[r["cell"], r["status"], f"{_signed(r.get('gap'))} {_signed_ci(r.get('gap_ci_lo'), r.get('gap_ci_hi'))}".strip(),
+                r.get("gap_verdict") or "", "" if finite(r.get("mcnemar_p")) is None else f"{r['mcnemar_p']:.3g}",
                 "" if r.get("best_layer") is None else f"{r['best_layer']} ({r.get('best_layer_frac') or 0:.2f})",
-                "" if _num(r.get("auroc")) is None else f"{r['auroc']:.3f} [{r.get('auroc_ci_lo') or 0:.3f}, "
+                "" if finite(r.get("auroc")) is None else f"{r['auroc']:.3f} [{r.get('auroc_ci_lo') or 0:.3f}, "
                 f"{r.get('auroc_ci_hi') or 0:.3f}]",
-                "" if _num(r.get("selection_p")) is None else f"{r['selection_p']:.3g}",
+                "" if finite(r.get("selection_p")) is None else f"{r['selection_p']:.3g}",
                 r.get("swapped_verdict") or "", r.get("reason") or r.get("reuse") or ""] for r in rows])
     done = [r for r in rows if r["status"] == "done"]
     if done:
@@ -247,7 +242,7 @@ def write_sweep_report(out: Path) -> dict[str, Path]:
         doc.p("At each model's best site/position/method, pooled over cue families; bands are the per-layer "
               "bootstrap intervals (plain cross-validated AUROC, not selection-aware).")
         doc.fig("auroc_depth", "Probe AUROC against relative depth, one line per model", auroc_depth_plot(by_model))
-    steer = [r for r in done if _num(r.get("probe_effect")) is not None]
+    steer = [r for r in done if finite(r.get("probe_effect")) is not None]
     if steer:
         doc.h("Steering effect per cell")
         doc.fig("steering_effect", "Effect of the probe direction and of the random controls at the largest |alpha|",
@@ -255,9 +250,9 @@ def write_sweep_report(out: Path) -> dict[str, Path]:
         doc.table(["cell", "mode", "layer", "|alpha|", "probe effect", "random mean [min, max]", "probe - random [CI]",
                    "verdict"],
                   [[r["cell"], r.get("steer_mode") or "", str(r.get("steer_layer")), str(r.get("steer_alpha")),
-                    _fmt(r.get("probe_effect")),
-                    f"{_fmt(r.get('random_effect'))} {_ci(r.get('random_effect_min'), r.get('random_effect_max'))}",
-                    f"{_fmt(r.get('effect_diff'))} {_ci(r.get('effect_diff_lo'), r.get('effect_diff_hi'))}",
+                    _signed(r.get("probe_effect")),
+                    f"{_signed(r.get('random_effect'))} {_signed_ci(r.get('random_effect_min'), r.get('random_effect_max'))}",
+                    f"{_signed(r.get('effect_diff'))} {_signed_ci(r.get('effect_diff_lo'), r.get('effect_diff_hi'))}",
                     r.get("specificity_verdict") or ""] for r in steer])
     fig_dir = out / "sweep-figures"
     for fig in doc.figures:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from afprobe.errors import BadInput
-from afprobe.fsio import PathLike, atomic_write_bytes, safe_name
+from afprobe.fsio import PathLike, atomic_write_bytes, json_default, safe_name
 
 SUFFIX = ".safetensors"
 
@@ -28,7 +28,7 @@ def save_direction(path: PathLike, direction: np.ndarray, metadata: Mapping[str,
     if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
         raise BadInput(f"direction for {path.name} must be a finite non-empty 1-d array, got shape {vec.shape}")
     try:
-        meta = {str(k): json.dumps(v, default=_json_default) for k, v in metadata.items()}
+        meta = {str(k): json.dumps(v, default=json_default) for k, v in metadata.items()}
     except TypeError as exc:
         raise BadInput(f"metadata for {path.name} is not JSON serialisable: {exc}") from None
     atomic_write_bytes(path, save({"direction": np.ascontiguousarray(vec)}, metadata=meta))
@@ -61,11 +61,3 @@ def _decode(v: str) -> Any:
         return json.loads(v)
     except ValueError:
         return v  # written by another tool without JSON encoding
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
