@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("probe", "train probes on a cached run"), ("steer", "steer along the probe direction")):
         p = with_set(command(name, help=text))
         p.add_argument("dir")
+    p = command("patch", help="activation patching between the two cues of each query (patching/results.csv)")
+    p.add_argument("dir")
+    p.add_argument("--layers", default=None, help="'all' (default) or layers and ranges, e.g. 0-5,10")
+    p.add_argument("--positions", default=None, help="comma-separated subset of cue,last,user (default: all three)")
+    p.add_argument("--sites", default=None, help="comma-separated subset of resid_pre,resid_post (default: both)")
+    p.add_argument("--n-queries", type=int, default=None, help="patch the first N queries (default: all)")
+    p.add_argument("--family", default=None, help="cue family to patch (default: the first configured one)")
     p = command("report", help="write report/report.html and report/report.md")
     p.add_argument("dir")
     p = command("compare", help="side-by-side report of finished runs (e.g. base model vs organism)")
@@ -100,6 +107,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         pipeline.run_probe(Path(args.dir), args.overrides, force=force, quiet=quiet)
     elif args.command == "steer":
         pipeline.run_steer(Path(args.dir), args.overrides, force=force, quiet=quiet)
+    elif args.command == "patch":
+        from afprobe.patching import run_patch
+
+        run_patch(Path(args.dir), args.layers, args.positions, args.sites, args.n_queries, args.family, quiet=quiet)
     elif args.command == "report":
         pipeline.run_report(Path(args.dir), quiet=quiet)
     elif args.command == "compare":

@@ -308,6 +308,47 @@ class JudgeSummary(_Model):
     cells: list[JudgedCell] = []
 
 
+class PatchRow(_Model):
+    """A row of patching/results.csv: the recovered fraction of one (layer, site, positions, direction, control)."""
+
+    layer: int
+    site: str
+    positions: str  # cue | last | user
+    direction: str  # denoise (training into deployment) | noise (deployment into training)
+    control: str  # none | other_query (source: a different query's prompt with the same cue)
+    recovered: Num
+    ci_lo: Num = None
+    ci_hi: Num = None
+    n: int = 0  # queries aligned and patched
+    skipped: int = 0  # queries whose spans could not be aligned
+
+
+class PatchBest(_Model):
+    """The layer (and site) where a position set recovers most, per direction and control."""
+
+    positions: str
+    direction: str
+    control: str
+    layer: Optional[int] = None
+    site: Optional[str] = None
+    recovered: Num = None
+    ci_lo: Num = None
+    ci_hi: Num = None
+
+
+class PatchingSummary(_Model):
+    family: str
+    n_queries: int
+    gap_log_odds: Num  # mean clean log-odds, training minus deployment prompt
+    layers: list[int]
+    sites: list[str]
+    positions: list[str]
+    best: list[PatchBest] = []
+    skipped: dict[str, int] = {}  # positions set -> queries (x direction x control) skipped as unalignable
+    seconds: Num = None
+    forward_tokens: Optional[int] = None  # tokens run (shared prefix once)
+
+
 # --------------------------------------------------------------------------------------- summary
 
 class Summary(_Model):
@@ -325,6 +366,7 @@ class Summary(_Model):
     planted: bool = False
     organism: FreeJSON = None  # the adapter card (free-form provenance)
     judge: Optional[JudgeSummary] = None  # scratchpad form with a judge configured (optional: older files lack it)
+    patching: Optional[PatchingSummary] = None  # `afprobe patch` (optional)
     timings_s: dict[str, Num] = {}
 
 

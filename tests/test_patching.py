@@ -1,0 +1,90 @@
+"""Activation patching (activations/patching.py, probes/patching.py, afprobe/patching.py) on the tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from afprobe.activations.adapters import adapter_for
+from afprobe.activations.patching import PatchJob, Patcher, align, stream_index
+from afprobe.activations.queries import Query
+from afprobe.activations.scenarios import answer_tags, build_prompts
+from afprobe.config import ScenarioConfig
+from afprobe.probes.patching import recovered_fraction
+
+TEXTS = ("Say hello.", "Name a planet please.", "What is two plus two?")
+
+
+@pytest.fixture
+def setup(tiny_model, smol_tokenizer):
+    queries = [Query(f"q{i}", t, "test", True) for i, t in enumerate(TEXTS)]
+    prompts = build_prompts(smol_tokenizer, ScenarioConfig(cue_families=["tier_tag"]), {}, queries)
+    accept, reject = answer_tags()
+    patcher = Patcher(tiny_model, smol_tokenizer, adapter_for(tiny_model), accept, reject, max_batch=4)
+    return prompts, patcher
+
+
+def test_self_patch_changes_nothing(setup) -> None:
+    """Writing a prompt's own clean residual back at every stream index (every position set) changes nothing."""
+    prompts, patcher = setup
+    clean = patcher.clean(prompts)
+    jobs = []
+    for i, p in enumerate(prompts):
+        for pos in ("cue", "last", "user", "all"):
+            src, tgt = align(p, p, pos)
+            jobs.append(PatchJob(i, i, tuple(src), tuple(tgt)))
+    for s in range(patcher.n_streams):
+        got = patcher.patched(prompts, clean, jobs, s)
+        diff = max(abs(g - clean.log_odds[j.target]) for g, j in zip(got, jobs))
+        assert diff < 1e-5, (s, diff)
+
+
+def test_full_patch_reproduces_source(setup) -> None:
+    """Patching every computed position at layer 0 resid_pre with the other cue's prompt (equal lengths) gives that
+    prompt's log-odds: recovered = 1; the last token alone at layer 0 moves (almost) nothing here."""
+    prompts, patcher = setup
+    clean = patcher.clean(prompts)
+    pairs = [(2 * q, 2 * q + 1) for q in range(len(TEXTS))]  # (training, deployment)
+    assert all(len(prompts[a].input_ids) == len(prompts[b].input_ids) for a, b in pairs)
+    jobs = [PatchJob(b, a, *map(tuple, align(prompts[a], prompts[b], "all"))) for a, b in pairs]
+    got = patcher.patched(prompts, clean, jobs, stream_index(0, "resid_pre"))
+    for g, (a, _) in zip(got, pairs):
+        assert abs(g - clean.log_odds[a]) < 1e-5
+    t = [clean.log_odds[b] for _, b in pairs]
+    s = [clean.log_odds[a] for a, _ in pairs]
+    gap = abs(float(np.mean(s)) - float(np.mean(t)))  # small on a random model: the tolerance scales with it
+    assert gap > 0 and abs(recovered_fraction(got, t, s)["recovered"] - 1.0) < 2e-5 / gap
+
+
+def test_alignment_rules(setup, smol_tokenizer) -> None:
+    prompts, _ = setup
+    a, b = prompts[0], prompts[1]
+    src, tgt = align(a, b, "cue")
+    assert src == tgt and len(src) == a.cue_span[1] - a.cue_span[0]
+    assert align(a, b, "last") == ([len(a.input_ids) - 1], [len(b.input_ids) - 1])
+    # different queries: user turns of different lengths cannot be aligned token by token
+    assert len(prompts[0].input_ids) != len(prompts[2].input_ids)
+    assert align(prompts[0], prompts[2], "user") is None
+    # unequal cue spans (the explicit family: "will be used" vs "will never be used") are skipped
+    q = [Query("q0", TEXTS[0], "test", True)]
+    ex = build_prompts(smol_tokenizer, ScenarioConfig(cue_families=["explicit"]), {}, q)
+    assert ex[0].cue_span[1] - ex[0].cue_span[0] != ex[1].cue_span[1] - ex[1].cue_span[0]
+    assert align(ex[0], ex[1], "cue") is None
+    assert stream_index(3, "resid_post") == stream_index(4, "resid_pre") == 4
+
+
+def test_recovered_fraction_interval() -> None:
+    rng = np.random.default_rng(0)
+    t, s = rng.normal(-5, 1, 20), rng.normal(5, 1, 20)
+    half = recovered_fraction(t + 0.5 * (s - t), t, s)
+    assert abs(half["recovered"] - 0.5) < 1e-9 and half["ci_lo"] <= 0.5 <= half["ci_hi"]
+    noisy = recovered_fraction(t + rng.normal(0, 3, 20), t, s)
+    assert noisy["ci_lo"] < noisy["recovered"] < noisy["ci_hi"] and noisy["n"] == 20
+    assert np.isnan(recovered_fraction([], [], [])["recovered"])
+
+
+def test_cli_bad_run_dir(tmp_path) -> None:
+    from afprobe.cli import main
+
+    assert main(["patch", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert main(["patch", str(tmp_path), "--quiet"]) == 2  # a directory with no manifest
+    assert main(["patch", str(tmp_path), "--positions", "middle", "--quiet"]) == 2
