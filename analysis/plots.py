@@ -156,3 +156,32 @@ def steering_curves(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     return _png(fig)
+
+
+def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], Sequence[Sequence[float]]]]) -> bytes:
+    """One heatmap per panel (title -> (row labels, layers, matrix [rows x layers])) of the recovered fraction,
+    colour range -1..1 (nan blank), annotated when there are few layers."""
+    fig, axes = _figure(max(4.0, 0.32 * max(len(p[1]) for p in panels.values()) + 2.0) * min(2, len(panels)),
+                        1.2 + 0.45 * max(len(p[0]) for p in panels.values()) * ((len(panels) + 1) // 2),
+                        min(2, len(panels)))
+    if len(panels) > 2:  # a grid of 2 columns
+        fig.clear()
+        axes = list(fig.subplots((len(panels) + 1) // 2, 2, squeeze=False).ravel())
+    image = None
+    for ax, (title, (rows, layers, matrix)) in zip(axes, panels.items()):
+        m = np.asarray(matrix, float)
+        image = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        if m.shape[1] <= 12:
+            for i in range(m.shape[0]):
+                for j in range(m.shape[1]):
+                    if np.isfinite(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(m[i, j]) > 0.6 else "black")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set(xlabel="layer", title=title)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes[: len(panels)], label="recovered fraction")
+    return _png(fig)

@@ -21,7 +21,7 @@ import numpy as np
 
 from afprobe.analysis import plots, verdicts
 from afprobe.analysis.numbers import interval, is_finite, num, or_nan, p_value
-from afprobe.analysis.schema import MetricsRow, SteeringRow, Summary, read_rows, read_summary
+from afprobe.analysis.schema import MetricsRow, PatchRow, SteeringRow, Summary, read_rows, read_summary
 from afprobe.errors import BadInput
 from afprobe.fsio import atomic_write_bytes, atomic_write_text
 
@@ -79,6 +79,7 @@ class RunData:
     steering: Optional[list[SteeringRow]] = None
     has_activations: bool = False
     judge_examples: Optional[list[dict]] = None  # judge/examples.jsonl (scratchpad form with a judge)
+    patching: Optional[list[PatchRow]] = None  # patching/results.csv (`afprobe patch`)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -121,6 +122,7 @@ def load_run(run_dir: Path) -> RunData:
         steering=read_rows(run_dir / "steering" / "results.csv", SteeringRow),
         has_activations=(run_dir / "activations").is_dir(),
         judge_examples=_read_jsonl_rows(run_dir / "judge" / "examples.jsonl"),
+        patching=read_rows(run_dir / "patching" / "results.csv", PatchRow),
     )
 
 
@@ -549,6 +551,37 @@ def _stages_section(doc: Doc, rows: list[list[str]]) -> None:
     doc.table(["stage", "status", "seconds (manifest)", "seconds (summary)", "details"], rows)
 
 
+def _patching_section(doc: Doc, data: RunData) -> None:
+    """Activation patching (only when `afprobe patch` ran): heatmaps per site, direction and control, best cells."""
+    rows = data.patching
+    if not rows:
+        return
+    summary = data.summary.patching if data.summary else None
+    doc.h("Activation patching")
+    if summary is not None:
+        doc.p(f"Family {summary.family}, {summary.n_queries} queries, clean log-odds gap (training - deployment) "
+              f"{num(summary.gap_log_odds, signed=True)}. Recovered fraction: the patched run's mean move as a "
+              "fraction of the mean clean gap (1 = all the way to the source prompt), with query-bootstrap "
+              "intervals. Control other_query: the source is another query's prompt with the target's own cue. "
+              f"Unalignable (skipped) query pairs per position set: {summary.skipped}.")
+    layers = sorted({r.layer for r in rows})
+    for site in dict.fromkeys(r.site for r in rows):
+        panels = {}
+        for direction in dict.fromkeys(r.direction for r in rows):
+            for control in dict.fromkeys(r.control for r in rows):
+                cell = {(r.positions, r.layer): r.recovered for r in rows
+                        if (r.site, r.direction, r.control) == (site, direction, control)}
+                pos = list(dict.fromkeys(r.positions for r in rows))
+                panels[f"{site}, {direction}, control {control}"] = (
+                    pos, layers, [[or_nan(cell.get((p, layer))) for layer in layers] for p in pos])
+        doc.fig(f"patching_{site}", f"Recovered fraction by layer and position set at {site}.",
+                plots.patching_heatmaps(panels))
+    if summary is not None:
+        doc.table(["positions", "direction", "control", "best layer", "site", "recovered"],
+                  [[b.positions, b.direction, b.control, _int(b.layer), b.site or "",
+                    f"{num(b.recovered)} {interval([b.ci_lo, b.ci_hi])}"] for b in summary.best])
+
+
 def _generic_sections(doc: Doc, data: RunData) -> None:
     s = data.summary
     if s is None:
@@ -613,6 +646,7 @@ def build_report(data: RunData, name: str = "") -> Doc:
     _compliance_section(doc, data)
     _steering_section(doc, data)
     _judge_section(doc, data)
+    _patching_section(doc, data)
     _generic_sections(doc, data)
     _stages_section(doc, stage_rows)
     return doc

@@ -88,3 +88,28 @@ def test_cli_bad_run_dir(tmp_path) -> None:
     assert main(["patch", str(tmp_path / "missing"), "--quiet"]) == 2
     assert main(["patch", str(tmp_path), "--quiet"]) == 2  # a directory with no manifest
     assert main(["patch", str(tmp_path), "--positions", "middle", "--quiet"]) == 2
+
+
+def test_report_section(tmp_path) -> None:
+    """patching/results.csv and the summary section become a report section with a heatmap per site."""
+    from afprobe.analysis.report import write_report
+    from afprobe.analysis.schema import PatchingSummary, PatchRow, Summary, csv_text, summary_json
+    from afprobe.patching import best_rows
+
+    rows = [PatchRow(layer=layer, site=site, positions=pos, direction=d, control=c, recovered=v, ci_lo=v - 0.1,
+                     ci_hi=v + 0.1, n=4)
+            for layer in (0, 1, 2) for site in ("resid_pre", "resid_post") for pos in ("cue", "last")
+            for d in ("denoise", "noise") for c in ("none", "other_query")
+            for v in [(1.0 - layer / 3 if pos == "cue" else layer / 3) * (c == "none")]]
+    (tmp_path / "patching").mkdir()
+    (tmp_path / "patching" / "results.csv").write_text(csv_text(rows, PatchRow))
+    best = best_rows(rows)
+    top = next(b for b in best if (b.positions, b.direction, b.control) == ("cue", "denoise", "none"))
+    assert top.layer == 0 and top.recovered == 1.0
+    summary = Summary(patching=PatchingSummary(family="tier_tag", n_queries=4, gap_log_odds=20.0, layers=[0, 1, 2],
+                                               sites=["resid_pre", "resid_post"], positions=["cue", "last"],
+                                               best=best, skipped={"cue": 0, "last": 0}))
+    (tmp_path / "summary.json").write_text(summary_json(summary))
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    assert "## Activation patching" in md and "figure:patching_resid_pre" in paths and "figure:patching_resid_post" in paths
