@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB (10^9 bytes), 80GiB, 24G (GiB)")
     p.add_argument("--margin", type=float, default=None, help="fraction of every device's memory kept free (0.1)")
     p.add_argument("--json", default=None, help="also write all numbers to this file")
+    p = command("lens", help="logit lens of a saved direction: the tokens it promotes and suppresses")
+    p.add_argument("direction", help="a direction file (probes/directions/*.safetensors)")
+    p.add_argument("--config", default=None, help="load the model named by this config")
+    p.add_argument("--model", default=None, help="model spec (default: the direction file's metadata)")
+    p.add_argument("--k", type=int, default=10, help="tokens per side")
+    p.add_argument("--json", default=None, help="also write the tokens and scores to this file")
     p = with_set(command("organism", help="train the planted-gap LoRA adapter (positive control)"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
@@ -145,6 +151,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             code = run_sweep(args.sweep, args.out, quiet=quiet)
         if code:
             raise SystemExit(code)
+    elif args.command == "lens":
+        from afprobe.lens_cli import lens_cli
+
+        lens_cli(args.direction, args.config, args.model, args.k, args.json)
     elif args.command == "judge-eval":
         from afprobe.judging import judge_eval
 

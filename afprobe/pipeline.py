@@ -420,7 +420,7 @@ def run_probe(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         main = ~np.isin(families, controls)
         targets = [(k, best_method) for k in store.keys if k[1:] == best_key[1:]]
         directions = fit_directions(features, labels, groups, main, targets, seed=cfg.seed)
-        meta_common = {"model_fingerprint": fingerprint, "config_hash": stage_hash(cfg, "probe")}
+        meta_common = {"model": cfg.model.spec, "model_fingerprint": fingerprint, "config_hash": stage_hash(cfg, "probe")}
         for (key, method), (vector, separation) in directions.items():
             meta = {**meta_common, "layer": key[0], "site": key[1], "position": key[2], "method": method,
                     "separation": float(separation)}
