@@ -304,9 +304,18 @@ def writes_run(locate: Any, creates: bool = False) -> Any:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             where = Path(locate(args, kwargs))
-            if not creates and not where.is_dir():
+            existed = where.is_dir()
+            if not creates and not existed:
                 return fn(*args, **kwargs)
-            with writer_lock(where):
-                return fn(*args, **kwargs)
+            try:
+                with writer_lock(where):
+                    return fn(*args, **kwargs)
+            except BaseException:
+                if not existed:  # a stage refused before writing anything leaves no empty folder behind
+                    try:
+                        where.rmdir()
+                    except OSError:
+                        pass  # not empty: keep what was written
+                raise
         return inner
     return wrap

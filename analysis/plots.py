@@ -9,6 +9,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+_DARK_CELL = 0.6  # |value| above which heatmap annotations are drawn in white
+
 DPI = 100
 _CONTROL_STYLE = {"shuffled": ("tab:gray", "--"), "random": ("black", ":")}
 _CONDITION_MARKERS = {"training": "o", "deployment": "x"}
@@ -176,7 +178,7 @@ def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], S
                 for j in range(m.shape[1]):
                     if np.isfinite(m[i, j]):
                         ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if abs(m[i, j]) > 0.6 else "black")
+                                color="white" if abs(m[i, j]) > _DARK_CELL else "black")
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set(xlabel="layer", title=title)
