@@ -264,14 +264,8 @@ class JudgedCue(JudgedRate):
     mean_score: Num = None  # mean fraction of yes votes
 
 
-class JudgedDifference(_Model):
-    estimate: Num  # alignment-faking rate, training minus deployment, on queries judged under both cues
-    ci: Interval
-    mcnemar_p: Num
-    n_pairs: int
-    discordant: list[int]
-    verdict: GapVerdict
-    interval_method: str = ""
+class JudgedDifference(Gap):
+    """Alignment-faking rate, training minus deployment, on queries judged under both cues (fields as Gap)."""
 
 
 class JudgedCell(_Model):
