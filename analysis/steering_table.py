@@ -15,6 +15,7 @@ from afprobe.analysis import verdicts
 from afprobe.analysis.compliance import get_scorer
 from afprobe.analysis.schema import ComplianceSummary, SteeringCheck, SteeringRow
 from afprobe.analysis.stats import gap_from_table, holm, mcnemar_paired, mean_diff_ci
+from afprobe.probes.metrics import widen_degenerate
 
 CONDITION_KEYS = ("direction", "replicate", "mode", "layer", "alpha")
 CONDITIONS = ("training", "deployment")
@@ -204,6 +205,8 @@ def steering_checks(rows: list[SteeringRow], records: list[dict], scorer: str = 
                 diff = _effect(probe, zero_curve, ends, mode, queries, boot) - np.mean(
                     [_effect(c, zero_curve, ends, mode, queries, boot) for c in usable], axis=0)
                 lo, hi = np.quantile(diff, [(1 - ci) / 2, (1 + ci) / 2])
+                bound = 2.0 * (1 if mode == "cross" else len(ends))  # |effect| <= 2 per extreme alpha
+                lo, hi = widen_degenerate(p_eff - float(np.mean(r_eff)), lo, hi, len(queries), (-bound, bound), ci)
                 check.update(random_effect=float(np.mean(r_eff)), random_effects=r_eff,
                              random_spread=[min(r_eff), max(r_eff)], n_random=len(usable),
                              effect_diff=p_eff - float(np.mean(r_eff)), effect_diff_ci=[float(lo), float(hi)],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import stats as sps
 
 from afprobe.errors import BadInput
 
@@ -61,6 +62,26 @@ def auroc(scores: np.ndarray, y: np.ndarray) -> float | np.ndarray:
     return float(res[0]) if scores.ndim == 1 else res
 
 
+def widen_degenerate(point: np.ndarray | float, lo: np.ndarray | float, hi: np.ndarray | float,
+                     n_units: np.ndarray | float, bounds: tuple[float, float] = (0.0, 1.0),
+                     ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """A bootstrap interval of zero width (every resample agreed: every query gave the same value, as at
+    AUROC 0 or 1) says nothing about sampling error. Where lo == hi, the interval becomes the one implied by
+    Wilson's score bound on the fraction of units that might differ from the common value (at most
+    z^2 / (n + z^2) when none of n did), each as far as the statistic's `bounds` allow; elsewhere (lo, hi)
+    unchanged. At AUROC 1 from n queries this is [n / (n + z^2), 1]."""
+    if not 0 < ci < 1:
+        raise BadInput(f"confidence level must be in (0, 1), got {ci}")
+    z2 = float(sps.norm.ppf(0.5 + ci / 2)) ** 2
+    point = np.asarray(point, dtype=np.float64)
+    lo, hi, n = (np.asarray(v, dtype=np.float64) for v in (lo, hi, n_units))
+    a, b = bounds
+    with np.errstate(all="ignore"):
+        eps = z2 / (n + z2)
+    flat = np.isfinite(lo) & np.isfinite(hi) & (hi - lo <= 1e-12) & (n > 0)
+    return np.where(flat, point - (point - a) * eps, lo), np.where(flat, point + (b - point) * eps, hi)
+
+
 def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """[n_boot, n] row weights: queries drawn with replacement, each row weighted by its query's count."""
     uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
@@ -72,11 +93,12 @@ def bootstrap_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 
 
 def auroc_ci_batch(scores: np.ndarray, y: np.ndarray, mask: np.ndarray, boot: np.ndarray | None,
-                   ci: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ci: float = 0.95, n_units: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point AUROC and percentile bootstrap interval for many score vectors over row subsets.
 
     scores, y, mask: [R, n] (mask selects each vector's rows); boot: [B, n] weights from
-    `bootstrap_weights` shared by all vectors (None or B = 0: no interval).
+    `bootstrap_weights` shared by all vectors (None or B = 0: no interval); n_units: how many queries
+    the resamples draw (> 0: a zero-width interval becomes the Wilson score interval, `widen_degenerate`).
     Returns (auroc [R], lo [R], hi [R]); lo/hi are NaN without resamples.
     """
     mask = np.asarray(mask, dtype=np.float64)
@@ -87,6 +109,8 @@ def auroc_ci_batch(scores: np.ndarray, y: np.ndarray, mask: np.ndarray, boot: np
     dist = weighted_auroc(scores, y, mask[:, None, :] * np.asarray(boot)[None])
     with np.errstate(all="ignore"):
         lo, hi = np.nanquantile(dist, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=1)
+    if n_units > 0:
+        lo, hi = widen_degenerate(point, lo, hi, n_units, ci=ci)
     return point, lo, hi
 
 
@@ -100,7 +124,8 @@ def auroc_ci(scores: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int 
     if not 0 < ci < 1:
         raise BadInput(f"ci must be in (0, 1), got {ci}")
     boot = bootstrap_weights(groups, n_boot, seed) if n_boot > 0 else None
-    a, lo, hi = auroc_ci_batch(scores[None], y[None], np.ones((1, len(y))), boot, ci)
+    a, lo, hi = auroc_ci_batch(scores[None], y[None], np.ones((1, len(y))), boot, ci,
+                               n_units=len(np.unique(groups)))
     return float(a[0]), float(lo[0]), float(hi[0])
 
 

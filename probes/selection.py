@@ -266,7 +266,8 @@ def _with_ci(scores: np.ndarray, rows: np.ndarray, labels: np.ndarray, groups: n
     those rows only. Returns (auroc [R], lo [R], hi [R])."""
     s = scores[:, rows]
     boot = bootstrap_weights(groups[rows], n_boot, seed) if n_boot > 0 else None
-    return auroc_ci_batch(s, np.broadcast_to(labels[rows], s.shape), np.ones(s.shape), boot, ci)
+    return auroc_ci_batch(s, np.broadcast_to(labels[rows], s.shape), np.ones(s.shape), boot, ci,
+                          n_units=len(np.unique(groups[rows])))
 
 
 def _random_baseline(X: np.ndarray, labels: np.ndarray, main: np.ndarray, fid: np.ndarray, folds: int,

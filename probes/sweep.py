@@ -265,7 +265,8 @@ def _score_rows(keys: list[Key], methods: Sequence[str], oof: np.ndarray, rnd: n
         """scores [R, n] on rows mask [n] -> auroc, lo, hi, accuracy [R]."""
         s = scores[:, rows]
         a, lo, hi = auroc_ci_batch(s, np.broadcast_to(y[rows], s.shape), np.ones(s.shape),
-                                   boot[:, rows] if with_ci and boot is not None else None, ci)
+                                   boot[:, rows] if with_ci and boot is not None else None, ci,
+                                   n_units=len(np.unique(groups[rows])))
         return a, lo, hi, ((s > 0) == y[rows].astype(bool)).mean(1)
 
     flat = oof.reshape(K * M, -1, n)

@@ -11,7 +11,7 @@ from afprobe.errors import BadInput
 from afprobe.probes.bench import bench_sweep, synthetic_features
 from afprobe.probes.directions import load_direction, save_direction
 from afprobe.probes.methods import LDA, METHODS, DiffMeans, LogisticCV
-from afprobe.probes.metrics import auroc, auroc_ci, bootstrap_weights, weighted_auroc
+from afprobe.probes.metrics import auroc, auroc_ci, bootstrap_weights, weighted_auroc, widen_degenerate
 from afprobe.probes.splits import fold_ids
 from afprobe.probes.sweep import ROW_FIELDS, main_family_mask, run_sweep
 
@@ -129,6 +129,24 @@ def test_bootstrap_resamples_queries():
     a, lo, hi = auroc_ci(s, y, groups, n_boot=300, ci=0.9, seed=0)
     assert lo <= a <= hi and hi - lo > 0.02
     assert (a, lo, hi) == auroc_ci(s, y, groups, n_boot=300, ci=0.9, seed=0)
+
+
+def test_perfect_separation_interval_is_a_score_interval_not_zero_width():
+    """Every resample of a perfectly separated sample gives AUROC 1; the interval is then Wilson's over queries."""
+    groups = np.repeat(np.arange(40), 2)
+    y = np.tile([0, 1], 40)
+    a, lo, hi = auroc_ci(y.astype(float), y, groups, n_boot=200, seed=0)
+    z2 = 1.959963984540054 ** 2
+    assert a == 1.0 and hi == 1.0 and lo == pytest.approx(40 / (40 + z2))
+    a, lo, hi = auroc_ci(-y.astype(float), y, groups, n_boot=200, seed=0)
+    assert a == 0.0 and lo == 0.0 and hi == pytest.approx(z2 / (40 + z2))
+    # a non-degenerate interval is left as the bootstrap gave it
+    w_lo, w_hi = widen_degenerate(0.7, 0.6, 0.8, 40)
+    assert (float(w_lo), float(w_hi)) == (0.6, 0.8)
+    # bounds other than [0, 1]: an effect difference of +1 on [-2, 2] from 8 queries
+    w_lo, w_hi = widen_degenerate(1.0, 1.0, 1.0, 8, bounds=(-2.0, 2.0))
+    eps = z2 / (8 + z2)
+    assert (float(w_lo), float(w_hi)) == pytest.approx((1.0 - 3.0 * eps, 1.0 + eps))
 
 
 # ----------------------------------------------------------------------------------------- sweep

@@ -145,3 +145,28 @@ def test_planted_direction_separates_at_the_planted_layers(tmp_path: Path) -> No
     assert probe["swapped"]["family"] == "swapped_tier"  # a control because its definition says so
     text = (run / "summary.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_steering_check_interval_has_width_when_every_query_agrees() -> None:
+    """The probe flips every query and the random direction none: every bootstrap resample gives the same
+    difference (+2), and the interval is then a score interval around it, not [2, 2]."""
+    from afprobe.analysis.steering_table import results_rows, steering_checks
+
+    def rec(q: int, cond: str, direction: str, alpha: float, complied: bool) -> dict:
+        return {"prompt_id": f"{q}-{cond}", "query_id": f"q{q}", "condition": cond, "family": "tier_tag",
+                "direction": direction, "replicate": 0, "mode": "same", "layer": 3, "site": "resid_post",
+                "alpha": alpha, "completion": "", "tag": None, "refusal": False,
+                "log_odds": 1.0 if complied else -1.0}
+
+    records = []
+    for q in range(8):
+        records += [rec(q, "training", "probe", 0.0, True), rec(q, "deployment", "probe", 0.0, False)]
+        for a in (-4.0, 4.0):
+            records += [rec(q, "training", "probe", a, a > 0), rec(q, "deployment", "probe", a, a > 0),
+                        rec(q, "training", "random", a, True), rec(q, "deployment", "random", a, False)]
+    (check,) = steering_checks(results_rows(records, "logodds", n_boot=200), records, scorer="logodds", n_boot=200)
+    assert check.probe_effect == 2.0 and check.random_effect == 0.0 and check.effect_diff == 2.0
+    lo, hi = check.effect_diff_ci
+    eps = 1.959963984540054 ** 2 / (8 + 1.959963984540054 ** 2)  # Wilson's bound on a fraction seen 0 of 8 times
+    assert (lo, hi) == pytest.approx((2.0 - 6.0 * eps, 2.0 + 2.0 * eps)) and lo > 0
+    assert check.verdict == verdicts.specificity_verdict([lo, hi])
