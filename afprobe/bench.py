@@ -601,7 +601,7 @@ def bench_rss(cfg: Config, quiet: bool) -> dict[str, Any]:
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg.model_dump(mode="json")))
         if not quiet:
-            print(f"rss: caching {n} and {10 * n} prompts in two fresh processes ...", flush=True)
+            log.info(f"rss: caching {n} and {10 * n} prompts in two fresh processes ...")
         small, large = _rss_children(path, [n, 10 * n])
     return {
         "rss_growth_mb": large["peak_rss_mb"] - small["peak_rss_mb"],
@@ -697,8 +697,8 @@ def bench_probe_sweep(shape: dict[str, Any], ref_keys: int, quiet: bool) -> dict
     loop(thin)
     chosen = [keys[i] for i in _spread(len(keys), ref_keys)]
     if not quiet:
-        print(f"probe sweep: run_sweep on {len(keys)} keys x {len(methods)} methods ({len(labels)} rows, "
-              f"d {shape['d']}); scikit-learn loop on {len(chosen)} keys ...", flush=True)
+        log.info(f"probe sweep: run_sweep on {len(keys)} keys x {len(methods)} methods ({len(labels)} rows, "
+                 f"d {shape['d']}); scikit-learn loop on {len(chosen)} keys ...")
     result, sweep_s = sweep(features)
     ref, loop_s = loop({k: features[k] for k in chosen})
     subset_sweep_s = sweep({k: features[k] for k in chosen})[1] if len(chosen) < len(keys) else sweep_s

@@ -20,6 +20,7 @@ STAGE_SECTIONS = {
     "probe": ("seed", "model", "scenario", "cue_families", "queries", "cache", "probes"),
     "steer": ("seed", "model", "scenario", "cue_families", "queries", "cache", "probes", "steering"),
 }
+STAGE_FOLDERS = {"cache": "activations", "probe": "probes", "steer": "steering", "report": "report", "judge": "judge"}
 _PACKAGES = ("afprobe", "torch", "transformers", "transformer-lens", "nnsight", "scikit-learn", "numpy", "safetensors", "peft")
 
 
@@ -76,8 +77,11 @@ class RunDir:
         return validate_config(manifest["config"])
 
     def stage_done(self, stage: str, cfg: Config) -> bool:
+        """Done with this config, and its output folder still there (a deleted folder means: compute it again)."""
         info = self.manifest().get("stages", {}).get(stage, {})
-        return info.get("status") == "done" and info.get("config_hash") == stage_hash(cfg, stage)
+        folder = STAGE_FOLDERS.get(stage)
+        return (info.get("status") == "done" and info.get("config_hash") == stage_hash(cfg, stage)
+                and (folder is None or (self.path / folder).is_dir()))
 
     def claim(self, cfg: Config, force: bool) -> None:
         """Start or continue a run here; refuse a directory holding a different run unless forced."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,9 +130,7 @@ def test_rerun_redoes_only_what_changed(tmp_path):
     stamps = lambda: {k: v.get("started_at") for k, v in json.loads((run / "manifest.json").read_text())["stages"].items()}  # noqa: E731
     first = stamps()
     _check_both_modes_and_families(run)
-    start = time.time()
     _ok("run", str(cfg), "--out", str(run))
-    assert time.time() - start < 60  # no model load: validation, then the report only
     again = stamps()
     assert {k: again[k] for k in ("cache", "probe", "steer")} == {k: first[k] for k in ("cache", "probe", "steer")}
     time.sleep(1.1)  # stamps have one-second resolution
@@ -141,3 +140,8 @@ def test_rerun_redoes_only_what_changed(tmp_path):
     assert changed["steer"] != first["steer"]
     rows = (run / "steering" / "results.csv").read_text()
     assert ",2.0," in rows and ",-1.0," not in rows
+    # a deleted stage folder is computed again, not reported "up to date"
+    shutil.rmtree(run / "probes")
+    time.sleep(1.1)
+    _ok("probe", str(run))
+    assert (run / "probes" / "metrics.csv").is_file() and stamps()["probe"] != changed["probe"]
