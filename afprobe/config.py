@@ -216,6 +216,11 @@ class SteeringConfig(_Strict):
     refusal_queries: int = Field(default=32, ge=2)  # harmful (fit) and benign queries the refusal direction uses
 
     @property
+    def needs_refusal(self) -> bool:
+        """Whether the steer stage computes the refusal direction (afprobe/refusal.py)."""
+        return self.refusal or self.known_answer or self.direction in REFUSAL_DIRECTIONS
+
+    @property
     def modes(self) -> list[str]:
         """The sweeps `mode` asks for."""
         return ["same", "cross"] if self.mode == "both" else [self.mode]

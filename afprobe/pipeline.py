@@ -201,7 +201,7 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     from afprobe.analysis.schema import SteeringSummary, csv_text, SteeringRow
     from afprobe.analysis.steering_table import baseline_records, compliance_summary, results_rows, steering_checks
     from afprobe.fsio import atomic_write_text
-    from afprobe.refusal import compute_refusal, needs_refusal, refusal_for, refusal_summary
+    from afprobe.refusal import compute_refusal, refusal_for, refusal_summary
     from afprobe.steering_plan import make_plan, steering_split
 
     opened = _open_stage(run_dir, overrides, "steer", "probe", quiet)
@@ -222,7 +222,7 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     controls = control_families(cfg)
     store = open_store(run.path)
     refusal = None
-    if needs_refusal(cfg):  # harmful minus benign at every cached cell, on the steering fit queries
+    if st.needs_refusal:  # harmful minus benign at every cached cell, on the steering fit queries
         _say(quiet, f"steer: refusal direction from up to {st.refusal_queries} harmful and benign queries")
         refusal = compute_refusal(cfg, backend, store, steering_split(cfg, store.column("query_id").tolist())[1])
     plan = make_plan(cfg, run.path, store, backend.n_layers, controls, refusal)

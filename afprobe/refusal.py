@@ -95,14 +95,6 @@ def refusal_summary(cfg: Config, run_path: Path, data: RefusalData) -> dict[str,
             "baseline": BASELINE.format(n=N_RANDOM, d=d, q=1.96 / np.sqrt(max(d, 1))), "layers": layers}
 
 
-def needs_refusal(cfg: Config) -> bool:
-    """Whether the steer stage computes the refusal direction."""
-    from afprobe.config import REFUSAL_DIRECTIONS
-
-    st = cfg.steering
-    return st.refusal or st.known_answer or st.direction in REFUSAL_DIRECTIONS
-
-
 def refusal_for(data: Optional[RefusalData], key: FeatureKey) -> tuple[np.ndarray, float]:
     """(unit refusal direction [d] float32, harmful-minus-benign separation along it) at `key`."""
     from afprobe.probes.refusal import unit
