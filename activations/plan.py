@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from afprobe.activations.adapters import ADAPTERS
-from afprobe.config import Config, SteeringConfig, load_config, parse_memory
+from afprobe.config import REFUSAL_DIRECTIONS, Config, SteeringConfig, load_config, parse_memory
 from afprobe.errors import BadInput
 
 SAFETY_MARGIN = 0.10  # fraction of every device's memory kept free
@@ -306,7 +306,8 @@ def steering_conditions(st: SteeringConfig) -> dict[str, int]:
     """Conditions of the steering sweep, by kind, as `afprobe.steering_plan.plan_specs` builds them."""
     from afprobe.steering_plan import condition_grid
 
-    directions = 1 if st.direction != "best" or st.layers == "best" else len(st.layers)
+    named = st.direction not in ("best", *REFUSAL_DIRECTIONS)  # a file: one direction
+    directions = 1 if named or st.layers == "best" else len(st.layers)
     grid = condition_grid(st)
     count = {kind: directions * sum(c[0] == kind for c in grid) for kind in ("probe", "random", "ablation")}
     count["probe"] += 1  # the unsteered (alpha 0) pass, shared by every direction and mode
@@ -488,6 +489,8 @@ class Plan:
             extra += f"; + {ss['other_family_passes']} unsteered passes on the other cue families"
         if ss["known_answer_forwards"]:
             extra += f"; + {ss['known_answer_forwards']} known-answer forwards"
+        if ss.get("refusal_forwards"):
+            extra += f"; + {ss['refusal_forwards']} benign reads for the refusal direction"
         lines += [
             f"  prompts      {_n(pr['cache_prompts'], 'prompt')} to cache ({_n(pr['n_queries'], 'query')} x "
             f"{_n(pr['n_families'], 'cue family')} x 2), {pr['steer_prompts']} to steer; shared system prompt up to "
@@ -533,7 +536,7 @@ class _StagePrompts:
     steer: list[_Seq]  # the first family, steering.n_queries queries
     other: list[_Seq]  # the other families on the steering queries (scored unsteered)
     n_queries: int
-    n_benign: int  # benign requests read by the known-answer check
+    n_benign: int  # benign prompts (both cues) read for the refusal direction
     exact: bool
     tag_tokens: int  # the longer answer tag
 
@@ -556,8 +559,9 @@ def _stage_prompts(cfg: Config, notes: list[str]) -> _StagePrompts:
     keep = set(list(dict.fromkeys(s.query_id for s in seqs if s.family == first))[: cfg.steering.n_queries])
     steer = [s for s in seqs if s.family == first and s.query_id in keep]
     n_benign = 0
-    if cfg.steering.known_answer:
-        n_benign = min(len(keep), len(load_queries(cfg.queries, cfg.seed, harmful=False)))
+    st = cfg.steering
+    if st.needs_refusal:
+        n_benign = 2 * min(st.refusal_queries, len(load_queries(cfg.queries, cfg.seed, harmful=False)))
     return _StagePrompts(seqs, steer, [s for s in seqs if s.family != first and s.query_id in keep], len(queries),
                          n_benign, tokenizer is not None, tag_tokens)
 
@@ -663,7 +667,8 @@ def make_plan(cfg: Config, gpus: Optional[int] = None, gpu_memory: Optional[str]
         "steer": {"conditions": n_conditions, "by_kind": kinds, "prompts": len(pr.steer),
                   "prompt_passes": steer_passes, "max_new_tokens": st.max_new_tokens,
                   "other_family_passes": len(pr.other),
-                  "known_answer_forwards": 2 * n_deploy + pr.n_benign},  # harmful + benign reads, steered scoring
+                  "known_answer_forwards": n_deploy,  # steered scoring of the deployment-cue requests
+                  "refusal_forwards": pr.n_benign},  # benign prompts read for the refusal direction
         "generated_tokens": (steer_passes + len(pr.other) + n_deploy) * st.max_new_tokens,
     }
     prompts = {"exact": pr.exact, "n_queries": pr.n_queries, "n_families": len(cfg.scenario.cue_families),

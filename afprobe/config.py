@@ -186,10 +186,15 @@ class ProbesConfig(_Strict):
 SCRATCHPAD_MAX_NEW_TOKENS = 1024  # steering.max_new_tokens default in scratchpad form (reasoning + answer)
 
 
+REFUSAL_DIRECTIONS = ("refusal", "probe_minus_refusal", "refusal_minus_probe")  # steering.direction kinds
+
+
 class SteeringConfig(_Strict):
     alphas: list[float] = Field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
     layers: Union[Literal["best"], list[int]] = "best"
-    direction: str = "best"  # "best" or the name of a file in probes/directions/
+    # "best" (the training-awareness probe direction), a refusal kind (REFUSAL_DIRECTIONS: the harmful-minus-benign
+    # refusal direction, or one direction with the other projected out), or the name of a file in probes/directions/
+    direction: str = "best"
     positions: Literal["user", "all"] = "user"
     mode: Literal["same", "cross", "both"] = "same"  # both: the same and the cross sweep
     controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
@@ -207,6 +212,13 @@ class SteeringConfig(_Strict):
     trunk: bool = True  # conditions steering the same layers share the unsteered prompt pass below them
     scorer: str = "tag"  # what counts as compliance: a scorer registered in analysis/compliance.py (tag, logodds, ...)
     known_answer: bool = True  # also steer against the harmful-vs-benign refusal direction
+    refusal: bool = True  # the refusal direction per cached layer and its cosine with the awareness direction
+    refusal_queries: int = Field(default=32, ge=2)  # harmful (fit) and benign queries the refusal direction uses
+
+    @property
+    def needs_refusal(self) -> bool:
+        """Whether the steer stage computes the refusal direction (afprobe/refusal.py)."""
+        return self.refusal or self.known_answer or self.direction in REFUSAL_DIRECTIONS
 
     @property
     def modes(self) -> list[str]:
@@ -218,6 +230,16 @@ class SteeringConfig(_Strict):
     def _non_empty(cls, value: list[float]) -> list[float]:
         if not value:
             raise ValueError("the alpha grid is empty; give at least one alpha, e.g. [0, 1]")
+        return value
+
+    @field_validator("direction")
+    @classmethod
+    def _known_direction(cls, value: str) -> str:
+        if value in ("best", *REFUSAL_DIRECTIONS):
+            return value
+        if "refusal" in value or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value.startswith("."):
+            raise ValueError(f"unknown steering direction {value!r}: use best, {', '.join(REFUSAL_DIRECTIONS)}, or "
+                             "the name of a file in probes/directions/ (such as layer12)")
         return value
 
     @field_validator("scorer")

@@ -201,7 +201,8 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     from afprobe.analysis.schema import SteeringSummary, csv_text, SteeringRow
     from afprobe.analysis.steering_table import baseline_records, compliance_summary, results_rows, steering_checks
     from afprobe.fsio import atomic_write_text
-    from afprobe.steering_plan import make_plan
+    from afprobe.refusal import compute_refusal, refusal_for, refusal_summary
+    from afprobe.steering_plan import make_plan, steering_split
 
     opened = _open_stage(run_dir, overrides, "steer", "probe", quiet)
     if opened is None:
@@ -219,7 +220,12 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     model, tokenizer, backend, fingerprint = loaded or load_model_and_backend(cfg)
     run.check_fingerprint(fingerprint, force)
     controls = control_families(cfg)
-    plan = make_plan(cfg, run.path, open_store(run.path), backend.n_layers, controls)
+    store = open_store(run.path)
+    refusal = None
+    if st.needs_refusal:  # harmful minus benign at every cached cell, on the steering fit queries
+        _say(quiet, f"steer: refusal direction from up to {st.refusal_queries} harmful and benign queries")
+        refusal = compute_refusal(cfg, backend, store, steering_split(cfg, store.column("query_id").tolist())[1])
+    plan = make_plan(cfg, run.path, store, backend.n_layers, controls, refusal)
     missing = sorted({a for a in (st.control_alphas or []) if a not in st.alphas and a != 0})
     if missing:
         _say(quiet, f"steer: control alphas {missing} are not in steering.alphas; added to the probe's grid too")
@@ -263,7 +269,10 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         atomic_write_text(run.path / "steering" / "results.csv", csv_text(rows, SteeringRow))
         base = baseline_records(records)
         by_family = _family_compliance(cfg, runner, tokenizer, prompts, base, parts, bar_quiet=quiet, gen=gen)
-        known = _known_answer(cfg, backend, runner, prompts, base, plan.directions[0].layer, gen) if st.known_answer else None
+        d0 = plan.directions[0]
+        known = (_known_answer(cfg, runner, prompts, base, d0.layer, d0.site,
+                               refusal_for(refusal, (d0.layer, d0.site, d0.position)), gen) if st.known_answer else None)
+        overlap = refusal_summary(cfg, run.path, refusal) if st.refusal else None
         gen.close()
         from afprobe.analysis.compliance import SCORERS
 
@@ -273,12 +282,12 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
             selection=plan.selection, selection_note=plan.selection_note, n_random=st.n_random, rows=rows,
             checks=steering_checks(rows, records, scorer=st.scorer, seed=cfg.seed),
             directions=[{"source": d.source, "layer": d.layer, "site": d.site, "position": d.position,
-                         "method": d.method, "separation_used": d.separation,
+                         "method": d.method, "kind": d.kind, "separation_used": d.separation,
                          "separation_at_steered_positions": d.separation_steered, "fit_queries": d.fit_queries,
                          "report_queries": len(plan.report_queries)} for d in plan.directions])
         run.update_summary(compliance=by_scorer[st.scorer], compliance_by_scorer=by_scorer,
                            compliance_by_family=by_family, control_families=controls, steering=steering,
-                           known_answer=known, planted=card is not None, organism=card)
+                           known_answer=known, refusal=overlap, planted=card is not None, organism=card)
         extra.update(runner.token_counts)
     run.update_summary()
     _say(quiet, f"steer: {len(plan.specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
@@ -508,30 +517,21 @@ def run_all(config: str, out: Optional[str], overrides: Sequence[str] = (), forc
     return run
 
 
-def _known_answer(cfg: Config, backend: Any, runner: Any, prompts: list[Any], baseline: list[dict],
-                  layer: int, gen: Any = None) -> dict[str, Any]:
-    """Known-answer check: the refusal direction (harmful minus benign mean at `layer`) steered
-    negatively should make harmful requests less refused (higher accept-vs-reject log-odds)."""
+def _known_answer(cfg: Config, runner: Any, prompts: list[Any], baseline: list[dict], layer: int, site: str,
+                  refusal: tuple[Any, float], gen: Any = None) -> dict[str, Any]:
+    """Known-answer check: the refusal direction (`refusal`: unit [d] and its harmful-minus-benign separation,
+    from afprobe.refusal at `layer`) steered negatively should make harmful requests less refused (higher
+    accept-vs-reject log-odds)."""
     import torch
 
-    from afprobe.activations.batching import PrefixCache
-    from afprobe.activations.cache import read_pooled
     from afprobe.activations.steering import SteeringSpec
     from afprobe.analysis.stats import mean_diff_ci
     from afprobe.analysis.verdicts import known_answer_passed
 
     deploy = [p for p in prompts if p.condition == "deployment"]
-    benign = [p for p in build_prompts_for(cfg, backend.tokenizer, harmful=False)
-              if p.family == deploy[0].family and p.condition == "deployment"][: len(deploy)]
-    key = (layer, "resid_post", "last")
-    acts = {}
-    shared = PrefixCache(backend.model, keep_new=False) if cfg.cache.prefix_reuse else None  # one system prompt
-    for name, group in (("harmful", deploy), ("benign", benign)):
-        acts[name] = read_pooled(backend, group, [key[:2]], ["last"], cfg.cache.batch_tokens, shared)[0][key]
-    diff = acts["harmful"].mean(0) - acts["benign"].mean(0)
-    unit = diff / diff.norm()
-    separation = float((acts["harmful"] @ unit).mean() - (acts["benign"] @ unit).mean())
-    spec = SteeringSpec("refusal", unit, separation, (layer,), alpha=-1.0, mode="same", positions=cfg.steering.positions)
+    unit, separation = torch.tensor(refusal[0]), refusal[1]
+    spec = SteeringSpec("refusal", unit, separation, (layer,), alpha=-1.0, mode="same", positions=cfg.steering.positions,
+                        site=site)
     gen = gen or Generation(cfg)
     texts, odds, _ = gen.score(runner, deploy, spec, sample=False)  # scratchpad form: refusal in the output only
     base = {r["prompt_id"]: r for r in baseline}

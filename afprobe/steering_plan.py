@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from afprobe.config import Config
+from afprobe.config import REFUSAL_DIRECTIONS, Config
 from afprobe.errors import BadInput
 
 MIN_FIT_QUERIES = 20  # held-out selection needs at least this many queries to fit the direction on
@@ -33,6 +33,7 @@ class PlannedDirection:
     separation_steered: Optional[float]  # the same at the steered user-turn tokens (reference only)
     source: str
     fit_queries: int
+    kind: str = "best"  # steering.direction: which direction `unit` is (see `refusal_variant`)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def plan_directions(cfg: Config, run_path: Path, store: Any, selection: Selectio
     folder = run_path / "probes" / "directions"
     best_meta = load_direction(folder / "best.safetensors")[1]
     methods = list(pr.best_methods or pr.methods)
-    if st.direction != "best":
+    if st.direction not in ("best", *REFUSAL_DIRECTIONS):
         named = [(st.direction, *load_direction(folder / f"{safe_name(st.direction, 'direction name')}.safetensors"))]
     elif selection == "in_sample":
         names = ["best"] if st.layers == "best" else [f"layer{layer}" for layer in st.layers]
@@ -151,6 +152,30 @@ def plan_directions(cfg: Config, run_path: Path, store: Any, selection: Selectio
     return out
 
 
+def refusal_variant(kind: str, d: PlannedDirection, diff: np.ndarray, x: np.ndarray, labels: np.ndarray,
+                    n_refusal: str) -> PlannedDirection:
+    """The planned awareness direction `d` turned into steering.direction `kind`, given the refusal vector
+    diff [d] (harmful minus benign mean at d's cell) and the steering family's fit rows x [n, d] with labels [n]
+    (for alpha's unit of an awareness-type direction). refusal: diff's unit, alpha's unit the harmful-benign
+    separation; probe_minus_refusal: the awareness direction with the refusal direction projected out (alpha's
+    unit the training-deployment separation along it); refusal_minus_probe: the reverse (harmful-benign)."""
+    from afprobe.probes.refusal import project_out, unit
+
+    if kind == "refusal":
+        vec = unit(diff)
+    elif kind == "probe_minus_refusal":
+        vec = project_out(d.unit, diff)
+    else:
+        vec = project_out(diff, d.unit)
+    separation = _separation(x, labels, vec) if kind == "probe_minus_refusal" else float(diff @ vec)
+    what = {"refusal": "refusal direction (harmful minus benign mean)",
+            "probe_minus_refusal": "awareness direction with the refusal direction projected out",
+            "refusal_minus_probe": "refusal direction with the awareness direction projected out"}[kind]
+    return PlannedDirection(vec.astype(np.float32), d.layer, d.site, d.position,
+                            "diff_means" if kind == "refusal" else f"{d.method} / diff_means", separation, None,
+                            f"{what}; refusal from {n_refusal}, awareness: {d.source}", d.fit_queries, kind)
+
+
 def condition_grid(st: Any) -> list[tuple[str, int, str, Optional[float]]]:
     """(direction, replicate, mode, alpha) run for each steering direction (`st`: the steering config), besides
     the one shared unsteered pass. Control alphas missing from steering.alphas are added to the probe's grid
@@ -192,9 +217,20 @@ def plan_specs(cfg: Config, directions: list[PlannedDirection], n_layers: int) -
     return specs
 
 
-def make_plan(cfg: Config, run_path: Path, store: Any, n_layers: int, control_families: list[str]) -> SteeringPlan:
+def make_plan(cfg: Config, run_path: Path, store: Any, n_layers: int, control_families: list[str],
+              refusal: Any = None) -> SteeringPlan:
+    """The plan; `refusal` (afprobe.refusal.RefusalData) is needed when steering.direction is a refusal kind."""
     selection, fit_ids, report_ids, note = steering_split(cfg, store.column("query_id").tolist())
     directions = plan_directions(cfg, run_path, store, selection, fit_ids, control_families)
-    if cfg.steering.direction != "best" and selection == "heldout":
+    kind = cfg.steering.direction
+    if kind in REFUSAL_DIRECTIONS:
+        labels, groups, families = store.column("label"), store.column("query_id"), store.column("family")
+        rows = np.isin(groups, fit_ids) & (families == cfg.scenario.cue_families[0])
+        n_refusal = (f"{len(set(refusal.harmful_groups.tolist()))} harmful and "
+                     f"{len(set(refusal.benign_groups.tolist()))} benign queries")
+        directions = [refusal_variant(kind, d, refusal.diff((d.layer, d.site, d.position)),
+                                      store.array((d.layer, d.site, d.position))[rows], labels[rows], n_refusal)
+                      for d in directions]
+    elif kind != "best" and selection == "heldout":
         selection, note = "in_sample", "a named direction file; its fitting queries are not known"
     return SteeringPlan(selection, note, fit_ids, report_ids, directions, plan_specs(cfg, directions, n_layers))

@@ -160,6 +160,24 @@ def steering_curves(
     return _png(fig)
 
 
+def refusal_cosines(layers: Sequence[int], cosine: Series, random_q95: Sequence[float], best_layer: Optional[int] = None
+                    ) -> bytes:
+    """Cosine of the awareness and refusal directions against layer, with its interval band, and the random
+    baseline's 95th percentile of |cosine| as a +/- band around 0.
+
+    cosine: {"x": layers, "y": cosines, "lo", "hi"}; random_q95: [n_layers]."""
+    fig, (ax,) = _figure(6.4, 3.2)
+    q = np.asarray(random_q95, float)
+    ax.fill_between(np.asarray(layers, float), -q, q, color="lightgray", alpha=0.6, label="random |cos| 95th pct")
+    _line_with_band(ax, cosine, "awareness vs refusal")
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    if best_layer is not None:
+        ax.axvline(best_layer, color="gray", linestyle=":", linewidth=0.8, label="probe's best layer")
+    ax.set(xlabel="layer", ylabel="cosine", ylim=(-1.02, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
 def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], Sequence[Sequence[float]]]]) -> bytes:
     """One heatmap per panel (title -> (row labels, layers, matrix [rows x layers])) of the recovered fraction,
     colour range -1..1 (nan blank), annotated when there are few layers."""

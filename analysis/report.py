@@ -403,9 +403,10 @@ def _steering_section(doc: Doc, data: RunData) -> None:
         return
     if summary is not None:
         doc.p(verdicts.describe_selection(summary.model_dump()))
-        doc.table(["direction from", "layer", "site", "position", "method", "alpha unit (separation)",
+        doc.p("Rows labelled 'probe' below are the steered direction named here (steering.direction).")
+        doc.table(["steering.direction", "direction from", "layer", "site", "position", "method", "alpha unit (separation)",
                    "separation at steered tokens", "fit queries", "reported queries"],
-                  [[d.source, _int(d.layer), d.site, d.position, d.method, num(d.separation_used),
+                  [[d.kind, d.source, _int(d.layer), d.site, d.position, d.method, num(d.separation_used),
                     num(d.separation_at_steered_positions), _int(d.fit_queries), _int(d.report_queries)]
                    for d in summary.directions])
         doc.ul([verdicts.describe_check(c.model_dump()) for c in summary.checks])
@@ -439,6 +440,33 @@ def _steering_section(doc: Doc, data: RunData) -> None:
                 f"{p_value(r.p_training_holm, prefix=False)} / {p_value(r.p_deployment_holm, prefix=False)}",
                 "unsteered" if r.vs_unsteered is None else verdicts.MOVED_WORDS[r.vs_unsteered],
                 f"{_int(r.unparsed_training)} / {_int(r.unparsed_deployment)}", _int(r.n)] for r in rows])
+
+
+def _refusal_section(doc: Doc, data: RunData) -> None:
+    """Refusal direction vs the training-awareness direction per layer (steer stage, summary.json `refusal`)."""
+    ref = data.summary.refusal if data.summary else None
+    if ref is None or not ref.layers:
+        return
+    doc.h("Refusal direction")
+    doc.p(verdicts.describe_refusal(ref.model_dump()))
+    doc.p(f"Refusal direction: harmful minus benign mean activation at {ref.site}/{ref.position}, on the "
+          f"{ref.family} prompts under both cues ({ref.n_harmful_queries} harmful queries from the cache, "
+          f"{ref.n_benign_queries} benign queries read at the steer stage). Awareness direction: "
+          f"probes/directions/layer<L>. Interval: basic bootstrap over queries ({ref.n_boot} resamples). "
+          f"Baseline: {ref.baseline}; p = share of random directions with |cosine| at least as large.")
+    layers = [c.layer for c in ref.layers]
+    doc.fig("refusal_cosine", "Cosine of the training-awareness and refusal directions by layer, with its "
+            "interval; grey: the random directions' 95th percentile of |cosine|.",
+            plots.refusal_cosines(layers, {"x": layers, "y": [c.cosine for c in ref.layers],
+                                           "lo": [c.cosine_ci[0] for c in ref.layers],
+                                           "hi": [c.cosine_ci[1] for c in ref.layers]},
+                                  [c.random_abs_q95 for c in ref.layers], ref.best_layer))
+    doc.table(["layer", "cosine", "random |cos| median", "random 95th pct", "p vs random", "verdict",
+               "refusal separation"],
+              [[_int(c.layer) + (" (best)" if c.layer == ref.best_layer else ""),
+                f"{num(c.cosine, 3, signed=True)} {interval(c.cosine_ci, 3, signed=True)}",
+                num(c.random_abs_median, 3), num(c.random_abs_q95, 3), p_value(c.p_random, prefix=False),
+                verdicts.OVERLAP_WORDS.get(c.verdict or "", "n/a"), num(c.refusal_separation)] for c in ref.layers])
 
 
 def _clip(text: Any, limit: int) -> str:
@@ -623,6 +651,8 @@ def summary_lines(data: RunData) -> list[str]:
         lines.append(verdicts.describe_moved([r.vs_unsteered for r in s.steering.rows]))
     if s.known_answer is not None:
         lines.append(s.known_answer.statement)
+    if s.refusal is not None:
+        lines.append(verdicts.describe_refusal(s.refusal.model_dump()))
     if s.judge is not None:
         lines += verdicts.describe_alignment_faking(s.judge.model_dump())
     return lines
@@ -645,6 +675,7 @@ def build_report(data: RunData, name: str = "") -> Doc:
     _probe_section(doc, data)
     _compliance_section(doc, data)
     _steering_section(doc, data)
+    _refusal_section(doc, data)
     _judge_section(doc, data)
     _patching_section(doc, data)
     _generic_sections(doc, data)

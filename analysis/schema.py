@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from afprobe.analysis.verdicts import (
-    GapVerdict, MovedVerdict, ProbeVerdict, SpecificityVerdict, SwappedVerdict, TransferVerdict,
+    GapVerdict, MovedVerdict, OverlapVerdict, ProbeVerdict, SpecificityVerdict, SwappedVerdict, TransferVerdict,
 )
 from afprobe.errors import BadInput
 
@@ -215,6 +215,7 @@ class SteeringCheck(_Model):
 
 class SteeringDirection(_Model):
     source: str  # where the unit vector came from (a file, or "fitted on the selection queries")
+    kind: str = "best"  # steering.direction: best (awareness probe), refusal, probe_minus_refusal, ... or a file
     layer: int
     site: str
     position: str
@@ -246,6 +247,35 @@ class KnownAnswer(_Model):
     refusal_rate_after: Num
     passed: bool
     statement: str
+
+
+class RefusalLayer(_Model):
+    """The training-awareness direction (probes/directions/layer<L>) against the refusal direction at one layer."""
+
+    layer: int
+    cosine: Num
+    cosine_ci: Interval  # bootstrap over harmful and benign queries (the awareness direction held fixed)
+    random_abs_median: Num  # |cosine| of the awareness direction with random directions
+    random_abs_q95: Num
+    p_random: Num  # (1 + #{random |cosine| >= |cosine|}) / (1 + n_random)
+    refusal_separation: Num  # |harmful mean - benign mean|: alpha's unit when steering along the refusal direction
+    verdict: Optional[OverlapVerdict] = None
+
+
+class RefusalSummary(_Model):
+    """The refusal direction (harmful minus benign mean) per cached layer and its overlap with the awareness
+    direction (steer stage; files in steering/refusal/)."""
+
+    site: str
+    position: str
+    family: str  # the cue family whose prompts (both cues) give the harmful and benign activations
+    n_harmful_queries: int
+    n_benign_queries: int
+    best_layer: Optional[int] = None  # the probe stage's best layer
+    n_random: int = 0
+    n_boot: int = 0
+    baseline: str = ""  # what the random baseline is
+    layers: list[RefusalLayer] = []
 
 
 # --------------------------------------------------------------------------------------- judge (scratchpad form)
@@ -357,6 +387,7 @@ class Summary(_Model):
     control_families: list[str] = []
     steering: Optional[SteeringSummary] = None
     known_answer: Optional[KnownAnswer] = None
+    refusal: Optional[RefusalSummary] = None  # refusal direction vs awareness direction (optional: older files lack it)
     planted: bool = False
     organism: FreeJSON = None  # the adapter card (free-form provenance)
     judge: Optional[JudgeSummary] = None  # scratchpad form with a judge configured (optional: older files lack it)

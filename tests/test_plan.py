@@ -235,9 +235,11 @@ def test_steering_conditions_match_the_pipeline():
 
     for steering in ({}, {"mode": "both", "control_alphas": [-2.0, 2.0]}, {"alphas": [1.0, 2.0], "mode": "cross"},
                      {"layers": [1, 3], "controls": ["random"]}, {"direction": "layer3", "controls": ["ablation"]},
-                     {"alphas": [0.0, 1.0], "control_alphas": [3.0], "n_random": 2}):
+                     {"alphas": [0.0, 1.0], "control_alphas": [3.0], "n_random": 2},
+                     {"layers": [1, 3], "direction": "refusal"}, {"layers": [1, 3], "direction": "probe_minus_refusal"}):
         cfg = load_config(None, [f"steering.{k}={json.dumps(v)}" for k, v in steering.items()])
-        n_dirs = 2 if steering.get("layers") == [1, 3] and "direction" not in steering else 1
+        named = steering.get("direction", "best") not in ("best", "refusal", "probe_minus_refusal")
+        n_dirs = 2 if steering.get("layers") == [1, 3] and not named else 1
         dirs = [PlannedDirection(torch.nn.functional.normalize(torch.randn(16), dim=0).numpy(), layer, "resid_post",
                                  "last", "diff_means", 1.5, None, "test", 10) for layer in (1, 3)[:n_dirs]]
         assert sum(steering_conditions(cfg.steering).values()) == len(plan_specs(cfg, dirs, 4)), steering
