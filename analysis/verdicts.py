@@ -160,6 +160,22 @@ def describe_check(check: dict) -> str:
             f"{SPECIFICITY_WORDS.get(check.get('verdict'), 'not assessed')}.")
 
 
+def describe_map_choice(choice: dict) -> str:
+    """Which layer x alpha cell steered best (summary.json steering_map.choices): chosen on the selection
+    queries, re-scored on the confirmation queries with its interval and specificity verdict."""
+    agree = (choice.get("confirm_best_layer"), choice.get("confirm_best_alpha")) == (choice.get("layer"),
+                                                                                    choice.get("alpha"))
+    other = ("the confirmation queries' own best cell is the same" if agree else
+             f"the confirmation queries alone would pick layer {choice.get('confirm_best_layer')} at alpha "
+             f"{num(choice.get('confirm_best_alpha'), signed=True)}")
+    return (f"Steering map, {choice.get('mode')} mode: layer {choice.get('layer')} at alpha "
+            f"{num(choice.get('alpha'), signed=True)} steers best on {choice.get('selection_queries')} selection "
+            f"queries (probe minus random effect {num(choice.get('selection_score'), signed=True)}); on "
+            f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
+            f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
+            f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}.")
+
+
 def describe_moved(moved: Sequence[Optional[str]]) -> str:
     """How many steered conditions moved compliance (`moved` per results row; None = the unsteered model)."""
     steered = [m for m in moved if m is not None]
