@@ -265,7 +265,8 @@ class MapChoice(_Model):
     confirm_queries: int = 0
     confirm_best_layer: Optional[int] = None  # the argmax on the confirmation queries (agreement check)
     confirm_best_alpha: Num = None
-    verdict: Optional[SpecificityVerdict] = None  # from the confirmation interval
+    against_random: bool = True  # False: no random direction ran, the score is the probe's effect alone
+    verdict: Optional[SpecificityVerdict] = None  # from the confirmation interval (None without random controls)
 
 
 class SteeringMap(_Model):

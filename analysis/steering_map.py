@@ -112,11 +112,14 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
         choice = MapChoice(mode=mode, layer=layer, alpha=alpha, selection_score=float(score[best, 0]),
                            selection_queries=len(select), confirm_queries=len(confirm),
                            confirm_best_layer=cand[other][0], confirm_best_alpha=cand[other][1])
+        if not any(k[0] == "random" and k[2] == mode for k in curves):  # probe effect alone: no specificity
+            choice = choice.model_copy(update={"against_random": False})
         if confirm:
             _, draws = _choose(curves, zero, mode, probe_layers, queries, boot_weights(~in_select, n_boot, seed))
             interval = boot_interval(float(score[best, 1]), draws[best], len(confirm), effect_bound(mode, 1), ci)
             choice = choice.model_copy(update={"confirm_score": float(score[best, 1]), "confirm_ci": interval,
-                                               "verdict": verdicts.specificity_verdict(interval)})
+                                               "verdict": verdicts.specificity_verdict(interval)
+                                               if choice.against_random else None})
         choices.append(choice)
     alphas = sorted({0.0, *(float(r["alpha"]) for r in records if r["alpha"] is not None)})
     return SteeringMap(layers=probe_layers, alphas=alphas, cells=_cells(rows, records, base), choices=choices,

@@ -168,9 +168,11 @@ def describe_map_choice(choice: dict) -> str:
     other = ("the confirmation queries' own best cell is the same" if agree else
              f"the confirmation queries alone would pick layer {choice.get('confirm_best_layer')} at alpha "
              f"{num(choice.get('confirm_best_alpha'), signed=True)}")
+    what = ("probe minus random effect" if choice.get("against_random", True) else
+            "probe effect; no random control ran, so nothing says the cell is specific")
     return (f"Steering map, {choice.get('mode')} mode: layer {choice.get('layer')} at alpha "
             f"{num(choice.get('alpha'), signed=True)} steers best on {choice.get('selection_queries')} selection "
-            f"queries (probe minus random effect {num(choice.get('selection_score'), signed=True)}); on "
+            f"queries ({what} {num(choice.get('selection_score'), signed=True)}); on "
             f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
             f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
             f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}.")

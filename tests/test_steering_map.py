@@ -118,3 +118,11 @@ def test_report_shows_map(tmp_path: Path):
     assert "Steering map (layer x alpha)" in md and "figures/steering_map_cross.png" in md
     assert "Steering map, cross mode: layer 15 at alpha +4.00 steers best" in md
     assert paths["figure:steering_map_cross"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_without_random_controls_no_specificity_verdict():
+    recs = [r for r in synthetic_records() if r["direction"] != "random"]
+    (choice,) = steering_map(results_rows(recs, n_boot=50), recs, n_boot=200).choices
+    assert (choice.layer, choice.alpha) == BEST and not choice.against_random and choice.verdict is None
+    assert not [c for c in steering_map(results_rows(recs, n_boot=50), recs, n_boot=50).cells
+                if c.direction == "random"]
