@@ -126,3 +126,16 @@ def test_without_random_controls_no_specificity_verdict():
     assert (choice.layer, choice.alpha) == BEST and not choice.against_random and choice.verdict is None
     assert not [c for c in steering_map(results_rows(recs, n_boot=50), recs, n_boot=50).cells
                 if c.direction == "random"]
+
+
+def test_map_runs_random_controls_at_largest_alpha_by_default():
+    from afprobe.config import load_config
+    from afprobe.steering_plan import condition_grid
+
+    def random_alphas(*overrides: str) -> set:
+        st = load_config(None, ["steering.alphas=[-4,-2,0,2,4]", *overrides]).steering
+        return {a for d, _, _, a in condition_grid(st) if d == "random"}
+
+    assert random_alphas("steering.layers=[10,15]") == {-4.0, 4.0}
+    assert random_alphas("steering.layers=[10]") == {-4.0, -2.0, 2.0, 4.0}  # one layer: every alpha, as before
+    assert random_alphas("steering.layers=[10,15]", "steering.control_alphas=[2]") == {2.0}
