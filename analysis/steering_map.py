@@ -109,7 +109,8 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
         best = int(np.nanargmax(score[:, 0]))
         other = int(np.nanargmax(score[:, 1])) if confirm else best
         layer, alpha = cand[best]
-        choice = MapChoice(mode=mode, layer=layer, alpha=alpha, selection_score=float(score[best, 0]),
+        ties = int(np.sum(np.isclose(score[:, 0], score[best, 0]))) - 1  # argmax takes the first of these
+        choice = MapChoice(mode=mode, layer=layer, alpha=alpha, selection_score=float(score[best, 0]), ties=ties,
                            selection_queries=len(select), confirm_queries=len(confirm),
                            confirm_best_layer=cand[other][0], confirm_best_alpha=cand[other][1])
         if not any(k[0] == "random" and k[2] == mode for k in curves):  # probe effect alone: no specificity

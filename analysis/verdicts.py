@@ -172,7 +172,9 @@ def describe_map_choice(choice: dict) -> str:
             "probe effect; no random control ran, so nothing says the cell is specific")
     return (f"Steering map, {choice.get('mode')} mode: layer {choice.get('layer')} at alpha "
             f"{num(choice.get('alpha'), signed=True)} steers best on {choice.get('selection_queries')} selection "
-            f"queries ({what} {num(choice.get('selection_score'), signed=True)}); on "
+            f"queries ({what} {num(choice.get('selection_score'), signed=True)}"
+            + (f"; tied with {choice.get('ties')} other cells, the first in layer and alpha order taken"
+               if choice.get("ties") else "") + "); on "
             f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
             f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
             f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}.")

@@ -139,3 +139,16 @@ def test_map_runs_random_controls_at_largest_alpha_by_default():
     assert random_alphas("steering.layers=[10,15]") == {-4.0, 4.0}
     assert random_alphas("steering.layers=[10]") == {-4.0, -2.0, 2.0, 4.0}  # one layer: every alpha, as before
     assert random_alphas("steering.layers=[10,15]", "steering.control_alphas=[2]") == {2.0}
+
+
+def test_ties_are_counted_and_said():
+    """When no cell moves anything, every candidate ties: the choice says so."""
+    from afprobe.analysis.verdicts import describe_map_choice
+
+    recs = [r for r in synthetic_records() if r["layer"] == LAYERS[2] or r["alpha"] == 0]
+    recs += [{**r, "layer": 30} for r in recs if r["layer"] == LAYERS[2]]
+    flat = [{**r, **({"tag": "accepted", "log_odds": 1.0} if r["condition"] == "training" else
+                     {"tag": "rejected", "log_odds": -1.0})} for r in recs]
+    (choice,) = steering_map(results_rows(flat, n_boot=50), flat, n_boot=100).choices
+    assert choice.selection_score == 0 and choice.ties == 3  # 2 layers x 2 control alphas, minus the chosen one
+    assert "tied with 3 other cells" in describe_map_choice(choice.model_dump())
