@@ -470,10 +470,12 @@ def _map_section(doc: Doc, data: RunData) -> None:
                 plots.heatmaps(panels, xlabel="alpha", label="rate / gap / fraction", ylabel="layer"))
         random = [c for c in smap.cells if (c.mode, c.direction) == (mode, "random")]
         probe = {(c.layer, c.alpha): c for c in smap.cells if (c.mode, c.direction) == (mode, "probe")}
-        doc.table(["layer", "alpha", "probe gap", "random gap", "probe unparsed", "random unparsed", "n"],
+        doc.table(["layer", "alpha", "probe gap", "random gap", "probe log-odds gap", "random log-odds gap",
+                   "probe unparsed", "random unparsed", "n"],
                   [[_int(c.layer), num(c.alpha, signed=True), num(probe[(c.layer, c.alpha)].gap, signed=True),
-                    num(c.gap, signed=True), num(probe[(c.layer, c.alpha)].unparsed), num(c.unparsed), _int(c.n)]
-                   for c in random if (c.layer, c.alpha) in probe])
+                    num(c.gap, signed=True), num(probe[(c.layer, c.alpha)].logodds_gap, signed=True),
+                    num(c.logodds_gap, signed=True), num(probe[(c.layer, c.alpha)].unparsed), num(c.unparsed),
+                    _int(c.n)] for c in random if (c.layer, c.alpha) in probe])
     doc.ul([verdicts.describe_map_choice(c.model_dump()) for c in smap.choices])
 
 

@@ -245,6 +245,7 @@ class MapCell(_Model):
     rate_training: Num = None
     rate_deployment: Num = None
     gap: Num = None
+    logodds_gap: Num = None  # mean accept-vs-reject log-odds, training minus deployment
     unparsed: Num = None  # fraction of answers (both cues) the scorer could not parse: the cell's coherence
     n: int = 0
 

@@ -53,8 +53,8 @@ def _cells(rows: list[SteeringRow], records: list[dict], base: list[dict]) -> li
     for mode in dict.fromkeys(r.mode for r in steered):
         for layer in layers:
             cells.append(MapCell(mode=mode, layer=layer, alpha=0.0, rate_training=zero.rate_training,
-                                 rate_deployment=zero.rate_deployment, gap=zero.gap, unparsed=_unparsed(base),
-                                 n=zero.n))
+                                 rate_deployment=zero.rate_deployment, gap=zero.gap, logodds_gap=zero.logodds_gap,
+                                 unparsed=_unparsed(base), n=zero.n))
             for direction in ("probe", "random"):
                 group = [r for r in steered if (r.direction, r.mode, r.layer) == (direction, mode, layer)]
                 for alpha in sorted({float(r.alpha) for r in group}):
@@ -64,7 +64,8 @@ def _cells(rows: list[SteeringRow], records: list[dict], base: list[dict]) -> li
                     mean = lambda col: _mean([getattr(r, col) for r in at])  # noqa: E731
                     cells.append(MapCell(mode=mode, layer=layer, alpha=alpha, direction=direction,
                                          rate_training=mean("rate_training"), rate_deployment=mean("rate_deployment"),
-                                         gap=mean("gap"), unparsed=_unparsed(recs), n=min(r.n for r in at)))
+                                         gap=mean("gap"), logodds_gap=mean("logodds_gap"), unparsed=_unparsed(recs),
+                                         n=min(r.n for r in at)))
     return cells
 
 

@@ -70,6 +70,7 @@ def test_one_cell_per_layer_and_alpha_and_random_at_largest_alpha(smap):
     assert cell[("probe", *BEST)].gap == pytest.approx(-1.0) and cell[("probe", 15, 0.0)].gap == pytest.approx(1.0)
     assert cell[("probe", 10, -4.0)].unparsed == 1.0 and cell[("probe", 10, -2.0)].unparsed == 0.0
     assert cell[("random", 20, 4.0)].rate_training == pytest.approx(0.5)  # mean over the two random directions
+    assert cell[("probe", *BEST)].logodds_gap == pytest.approx(-2.0) and cell[("probe", 15, 0.0)].logodds_gap == 2.0
 
 
 def test_confirmation_picks_the_cell_chosen_on_selection(smap):
