@@ -261,6 +261,7 @@ class MapChoice(_Model):
     alpha: Num = None
     selection_score: Num = None  # on the selection queries
     selection_queries: int = 0
+    unparsed: Num = None  # the chosen probe cell's unparsed fraction (its coherence)
     ties: int = 0  # other candidate cells with the same selection score (the first in layer, alpha order wins)
     confirm_score: Num = None  # the same cell on the confirmation queries
     confirm_ci: Interval = [None, None]  # paired bootstrap over confirmation queries

@@ -101,6 +101,8 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
     queries = sorted({q for by_q in zero.values() for q in by_q})
     select, confirm = map_split(queries, seed)
     in_select = np.isin(queries, select)
+    cells = _cells(rows, records, base)
+    unparsed = {(c.mode, c.layer, c.alpha): c.unparsed for c in cells if c.direction == "probe"}
     choices = []
     for mode in dict.fromkeys(k[2] for k in curves if k[0] == "probe"):
         halves = np.stack([in_select, ~in_select]).astype(float)  # [2, Q]
@@ -112,6 +114,7 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
         layer, alpha = cand[best]
         ties = int(np.sum(np.isclose(score[:, 0], score[best, 0]))) - 1  # argmax takes the first of these
         choice = MapChoice(mode=mode, layer=layer, alpha=alpha, selection_score=float(score[best, 0]), ties=ties,
+                           unparsed=unparsed.get((mode, layer, alpha)),
                            selection_queries=len(select), confirm_queries=len(confirm),
                            confirm_best_layer=cand[other][0], confirm_best_alpha=cand[other][1])
         if not any(k[0] == "random" and k[2] == mode for k in curves):  # probe effect alone: no specificity
@@ -124,6 +127,6 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
                                                if choice.against_random else None})
         choices.append(choice)
     alphas = sorted({0.0, *(float(r["alpha"]) for r in records if r["alpha"] is not None)})
-    return SteeringMap(layers=probe_layers, alphas=alphas, cells=_cells(rows, records, base), choices=choices,
+    return SteeringMap(layers=probe_layers, alphas=alphas, cells=cells, choices=choices,
                        split_note=split_note or f"cell chosen on {len(select)} steered queries, confirmed on "
                                                 f"{len(confirm)} others")

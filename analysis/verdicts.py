@@ -177,7 +177,8 @@ def describe_map_choice(choice: dict) -> str:
                if choice.get("ties") else "") + "); on "
             f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
             f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
-            f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}.")
+            f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}; "
+            f"{num(choice.get('unparsed'))} of the cell's answers did not parse (see the coherence panel).")
 
 
 def describe_moved(moved: Sequence[Optional[str]]) -> str:

@@ -80,6 +80,7 @@ def test_confirmation_picks_the_cell_chosen_on_selection(smap):
     assert choice.selection_queries + choice.confirm_queries == len(QUERIES)
     assert choice.confirm_score == pytest.approx(2.0)  # |gap change| 2, random directions moved nothing there
     assert choice.confirm_ci[0] > 0 and choice.verdict == "probe_beats_random"
+    assert choice.unparsed == 0.0
 
 
 def test_split_is_disjoint_seeded_and_halves():
@@ -118,6 +119,7 @@ def test_report_shows_map(tmp_path: Path):
     md = paths["markdown"].read_text()
     assert "Steering map (layer x alpha)" in md and "figures/steering_map_cross.png" in md
     assert "Steering map, cross mode: layer 15 at alpha +4.00 steers best" in md
+    assert "0.00 of the cell's answers did not parse" in md
     assert paths["figure:steering_map_cross"].read_bytes().startswith(b"\x89PNG")
 
 
