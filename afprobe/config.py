@@ -198,7 +198,9 @@ class SteeringConfig(_Strict):
     positions: Literal["user", "all"] = "user"
     mode: Literal["same", "cross", "both"] = "same"  # both: the same and the cross sweep
     controls: list[Literal["random", "ablation"]] = Field(default_factory=lambda: ["random", "ablation"])
-    control_alphas: Optional[list[float]] = None  # alphas for the random control (None: every alpha; added if missing)
+    # alphas for the random control (None: every alpha, or the largest |alpha| when several layers are steered;
+    # added to the probe's grid if missing)
+    control_alphas: Optional[list[float]] = None
     n_random: int = Field(default=3, ge=1)  # random directions orthogonal to the probe direction
     # heldout: the direction (and the best layer) is fitted on queries disjoint from the reported ones;
     # auto: heldout when the cache has enough queries (see `pipeline.steering_split`), else in_sample

@@ -287,12 +287,28 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
                          "report_queries": len(plan.report_queries)} for d in plan.directions])
         run.update_summary(compliance=by_scorer[st.scorer], compliance_by_scorer=by_scorer,
                            compliance_by_family=by_family, control_families=controls, steering=steering,
-                           known_answer=known, refusal=overlap, planted=card is not None, organism=card)
+                           known_answer=known, refusal=overlap, planted=card is not None, organism=card,
+                           lens=_lens(cfg, model, tokenizer, plan.directions, run.path))
         extra.update(runner.token_counts)
     run.update_summary()
     _say(quiet, f"steer: {len(plan.specs)} conditions x {len(prompts)} prompts -> {run.path / 'steering'}")
     _judge_traces(run.path, overrides, quiet, loaded or (model, tokenizer, backend, fingerprint))
     return run
+
+
+def _lens(cfg: Config, model: Any, tokenizer: Any, directions: list[Any], run_path: Path) -> Optional[list]:
+    """Logit lens of the steering directions and the per-layer probe directions; None for a remote model
+    (no local unembedding) or a model without an output embedding."""
+    from afprobe.lens_cli import lens_rows
+
+    if cfg.model.remote != "none" or not hasattr(model, "get_output_embeddings"):
+        return None
+    try:
+        return lens_rows(model, tokenizer, [(d.layer, d.site, d.unit) for d in directions],
+                         run_path / "probes" / "directions")
+    except BadInput as err:  # e.g. no output embedding: the lens is optional, the stage goes on
+        log.info(f"steer: no logit lens ({err})")
+        return None
 
 
 def _judge_traces(run_dir: Path, overrides: Sequence[str], quiet: bool, loaded: Optional[tuple]) -> None:
@@ -483,11 +499,30 @@ def run_report(run_dir: Path, quiet: bool = False) -> dict[str, Path]:
     run = RunDir(Path(run_dir))
     cfg = run.config()
     with run.stage("report", cfg):
+        run.update_summary(steering_map=_steering_map(run, cfg))
         paths = write_report(run.path)
     run.update_summary()
     write_report(run.path)  # once more, so the report shows its own timing
     _say(quiet, f"report: {paths['html']}")
     return paths
+
+
+def _steering_map(run: RunDir, cfg: Config) -> Optional[Any]:
+    """The layer x alpha steering map (analysis/steering_map.py) from the steer stage's files, when several
+    layers were steered; None otherwise (or before the steer stage)."""
+    from afprobe.analysis.schema import SteeringRow, read_rows
+    from afprobe.analysis.steering_map import steering_map
+
+    gens, rows = run.path / "steering" / "generations.jsonl", read_rows(run.path / "steering" / "results.csv",
+                                                                      SteeringRow)
+    summary = run.summary().steering
+    if not gens.is_file() or not rows or summary is None:
+        return None
+    fit = summary.directions[0].fit_queries if summary.directions else 0
+    how = (f"the directions were fitted on {fit} other queries" if summary.selection == "heldout" else
+           "IN-SAMPLE: the directions were fitted on the steered queries themselves")
+    smap = steering_map(rows, _read_jsonl(gens), scorer=cfg.steering.scorer, seed=cfg.seed)
+    return None if smap is None else smap.model_copy(update={"split_note": f"{smap.split_note}; {how}"})
 
 
 @writes_run(_run_all_dir, creates=True)

@@ -179,9 +179,13 @@ def refusal_variant(kind: str, d: PlannedDirection, diff: np.ndarray, x: np.ndar
 def condition_grid(st: Any) -> list[tuple[str, int, str, Optional[float]]]:
     """(direction, replicate, mode, alpha) run for each steering direction (`st`: the steering config), besides
     the one shared unsteered pass. Control alphas missing from steering.alphas are added to the probe's grid
-    too (never dropped), so probe and random directions are compared at the same alphas."""
+    too (never dropped), so probe and random directions are compared at the same alphas. Unset control alphas
+    are every alpha, or, for a layer x alpha map (several layers), the largest |alpha| (each sign present)."""
     nonzero = sorted({a for a in st.alphas if a != 0})
-    control = sorted({a for a in (st.control_alphas if st.control_alphas is not None else nonzero) if a != 0})
+    default = nonzero
+    if st.layers != "best" and len(st.layers) > 1 and nonzero:
+        default = [a for a in nonzero if abs(a) == max(abs(b) for b in nonzero)]
+    control = sorted({a for a in (st.control_alphas if st.control_alphas is not None else default) if a != 0})
     grid: list[tuple[str, int, str, Optional[float]]] = []
     for mode in st.modes:
         for alpha in sorted(set(nonzero) | set(control)):

@@ -178,9 +178,11 @@ def refusal_cosines(layers: Sequence[int], cosine: Series, random_q95: Sequence[
     return _png(fig)
 
 
-def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], Sequence[Sequence[float]]]]) -> bytes:
-    """One heatmap per panel (title -> (row labels, layers, matrix [rows x layers])) of the recovered fraction,
-    colour range -1..1 (nan blank), annotated when there are few layers."""
+def heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence, Sequence[Sequence[float]]]], xlabel: str = "layer",
+             label: str = "recovered fraction", ylabel: str = "") -> bytes:
+    """One heatmap per panel (title -> (row labels, column labels, matrix [rows x columns])), colour range
+    -1..1 (nan blank), annotated when there are few columns; two panels per row of the figure. Used for the
+    patching results (rows: position sets, columns: layers) and the steering map (rows: layers, columns: alpha)."""
     fig, axes = _figure(max(4.0, 0.32 * max(len(p[1]) for p in panels.values()) + 2.0) * min(2, len(panels)),
                         1.2 + 0.45 * max(len(p[0]) for p in panels.values()) * ((len(panels) + 1) // 2),
                         min(2, len(panels)))
@@ -188,7 +190,7 @@ def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], S
         fig.clear()
         axes = list(fig.subplots((len(panels) + 1) // 2, 2, squeeze=False).ravel())
     image = None
-    for ax, (title, (rows, layers, matrix)) in zip(axes, panels.items()):
+    for ax, (title, (rows, columns, matrix)) in zip(axes, panels.items()):
         m = np.asarray(matrix, float)
         image = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         if m.shape[1] <= 12:
@@ -197,11 +199,11 @@ def patching_heatmaps(panels: Mapping[str, tuple[Sequence[str], Sequence[int], S
                     if np.isfinite(m[i, j]):
                         ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                                 color="white" if abs(m[i, j]) > _DARK_CELL else "black")
-        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set(xlabel="layer", title=title)
+        ax.set_xticks(range(len(columns)), [f"{x:g}" if isinstance(x, float) else str(x) for x in columns], fontsize=7)
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if image is not None:
-        fig.colorbar(image, ax=axes[: len(panels)], label="recovered fraction")
+        fig.colorbar(image, ax=axes[: len(panels)], label=label)
     return _png(fig)

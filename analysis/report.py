@@ -469,6 +469,58 @@ def _refusal_section(doc: Doc, data: RunData) -> None:
                 verdicts.OVERLAP_WORDS.get(c.verdict or "", "n/a"), num(c.refusal_separation)] for c in ref.layers])
 
 
+MAP_PANELS = {"rate_training": "training compliance", "rate_deployment": "deployment compliance",
+              "gap": "gap", "unparsed": "unparsed fraction"}
+
+
+def _map_section(doc: Doc, data: RunData) -> None:
+    """Layer x alpha steering map (steering.layers a list): heatmaps per mode, random controls, the chosen cell."""
+    smap = data.summary.steering_map if data.summary else None
+    if smap is None:
+        return
+    doc.h("Steering map (layer x alpha)", 3)
+    doc.p("Each cell is one steering condition on the steered queries: compliance under each cue, the gap, and the "
+          "fraction of answers whose tag did not parse (a coherence check: large steering can break the answer "
+          "format). Alpha 0 is the unsteered model, the same in every row. Random rows: the mean over the random "
+          "directions, run only at the control alphas (by default the largest |alpha| per layer). The best cell "
+          f"is chosen on half of the steered queries and confirmed on the other half ({smap.split_note}).")
+    for mode in dict.fromkeys(c.mode for c in smap.cells):
+        panels = {}
+        for direction in ("probe", "random"):
+            cells = {(c.layer, c.alpha): c for c in smap.cells if (c.mode, c.direction) == (mode, direction)}
+            cols = ("gap", "unparsed") if direction == "random" else tuple(MAP_PANELS)
+            for col in cols if cells else ():
+                panels[f"{direction}: {MAP_PANELS[col]}"] = (
+                    smap.layers, smap.alphas,
+                    [[or_nan(getattr(cells[(layer, a)], col)) if (layer, a) in cells else NAN for a in smap.alphas]
+                     for layer in smap.layers])
+        doc.fig(f"steering_map_{mode}", f"Steering map, {mode} mode: rows are layers, columns alpha.",
+                plots.heatmaps(panels, xlabel="alpha", label="rate / gap / fraction", ylabel="layer"))
+        random = [c for c in smap.cells if (c.mode, c.direction) == (mode, "random")]
+        probe = {(c.layer, c.alpha): c for c in smap.cells if (c.mode, c.direction) == (mode, "probe")}
+        doc.table(["layer", "alpha", "probe gap", "random gap", "probe log-odds gap", "random log-odds gap",
+                   "probe unparsed", "random unparsed", "n"],
+                  [[_int(c.layer), num(c.alpha, signed=True), num(probe[(c.layer, c.alpha)].gap, signed=True),
+                    num(c.gap, signed=True), num(probe[(c.layer, c.alpha)].logodds_gap, signed=True),
+                    num(c.logodds_gap, signed=True), num(probe[(c.layer, c.alpha)].unparsed), num(c.unparsed),
+                    _int(c.n)] for c in random if (c.layer, c.alpha) in probe])
+    doc.ul([verdicts.describe_map_choice(c.model_dump()) for c in smap.choices])
+
+
+def _lens_section(doc: Doc, data: RunData) -> None:
+    """Logit lens of the steering and per-layer probe directions (summary.json `lens`, written by the steer stage)."""
+    rows = data.summary.lens if data.summary else None
+    if not rows:
+        return
+    doc.h("Logit lens of the directions", 3)
+    doc.p("Tokens each direction promotes and suppresses when read through the final norm's weight and the "
+          "unembedding (scores = W_U (g * d), d the unit direction; activations/lens.py). Steering: the direction "
+          "steered along (pointing toward the training cue); the others are the probe stage's direction per layer.")
+    toks = lambda pairs: ", ".join(f"{t.token!r} {num(t.score, signed=True)}" for t in pairs)  # noqa: E731
+    doc.table(["direction", "layer", "site", "promoted", "suppressed"],
+              [[r.source, _int(r.layer), r.site, toks(r.promoted), toks(r.suppressed)] for r in rows])
+
+
 def _clip(text: Any, limit: int) -> str:
     text = "" if text is None else str(text).strip()
     return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
@@ -603,7 +655,7 @@ def _patching_section(doc: Doc, data: RunData) -> None:
                 panels[f"{site}, {direction}, control {control}"] = (
                     pos, layers, [[or_nan(cell.get((p, layer))) for layer in layers] for p in pos])
         doc.fig(f"patching_{site}", f"Recovered fraction by layer and position set at {site}.",
-                plots.patching_heatmaps(panels))
+                plots.heatmaps(panels))
     if summary is not None:
         doc.table(["positions", "direction", "control", "best layer", "site", "recovered"],
                   [[b.positions, b.direction, b.control, _int(b.layer), b.site or "",
@@ -649,6 +701,8 @@ def summary_lines(data: RunData) -> list[str]:
         lines.append(verdicts.describe_selection(s.steering.model_dump()))
         lines += [verdicts.describe_check(c.model_dump()) for c in s.steering.checks]
         lines.append(verdicts.describe_moved([r.vs_unsteered for r in s.steering.rows]))
+    if s.steering_map is not None:
+        lines += [verdicts.describe_map_choice(c.model_dump()) for c in s.steering_map.choices]
     if s.known_answer is not None:
         lines.append(s.known_answer.statement)
     if s.refusal is not None:
@@ -676,6 +730,8 @@ def build_report(data: RunData, name: str = "") -> Doc:
     _compliance_section(doc, data)
     _steering_section(doc, data)
     _refusal_section(doc, data)
+    _map_section(doc, data)
+    _lens_section(doc, data)
     _judge_section(doc, data)
     _patching_section(doc, data)
     _generic_sections(doc, data)

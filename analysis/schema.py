@@ -236,6 +236,69 @@ class SteeringSummary(_Model):
     multiple_comparisons: str = "Holm over every steered row and cue (p_*_holm)"
 
 
+class MapCell(_Model):
+    """One (mode, layer, alpha) cell of the layer x alpha steering map (probe direction, or a random control)."""
+
+    mode: Literal["same", "cross"]
+    layer: int
+    alpha: float
+    direction: Literal["probe", "random"] = "probe"  # random: the mean over the random directions at this cell
+    rate_training: Num = None
+    rate_deployment: Num = None
+    gap: Num = None
+    logodds_gap: Num = None  # mean accept-vs-reject log-odds, training minus deployment
+    unparsed: Num = None  # fraction of answers (both cues) the scorer could not parse: the cell's coherence
+    n: int = 0
+
+
+class MapChoice(_Model):
+    """Which (layer, alpha) steers best in one mode: chosen on the selection queries, confirmed on the others.
+    Score = the probe direction's effect at the cell minus the mean random direction's effect there (the
+    steering checks' effect: summed |change of each cue's rate| vs alpha 0, or |change of the gap| in cross
+    mode); only cells with a random control compete (the largest |alpha| per layer unless configured)."""
+
+    mode: Literal["same", "cross"]
+    layer: Optional[int] = None
+    alpha: Num = None
+    selection_score: Num = None  # on the selection queries
+    selection_queries: int = 0
+    unparsed: Num = None  # the chosen probe cell's unparsed fraction (its coherence)
+    ties: int = 0  # other candidate cells with the same selection score (the first in layer, alpha order wins)
+    confirm_score: Num = None  # the same cell on the confirmation queries
+    confirm_ci: Interval = [None, None]  # paired bootstrap over confirmation queries
+    confirm_queries: int = 0
+    confirm_best_layer: Optional[int] = None  # the argmax on the confirmation queries (agreement check)
+    confirm_best_alpha: Num = None
+    against_random: bool = True  # False: no random direction ran, the score is the probe's effect alone
+    verdict: Optional[SpecificityVerdict] = None  # from the confirmation interval (None without random controls)
+
+
+class SteeringMap(_Model):
+    """Layer x alpha steering map (steering.layers a list): one cell per (mode, layer, alpha) for the probe,
+    the random controls at their alphas, and the best cell chosen on a split of the steered queries."""
+
+    layers: list[int]
+    alphas: list[float]
+    cells: list[MapCell] = []
+    choices: list[MapChoice] = []
+    split_note: str = ""
+
+
+class LensToken(_Model):
+    token: str
+    score: Num
+
+
+class LensRow(_Model):
+    """Logit lens of one direction (activations/lens.py): top-k promoted and suppressed tokens with scores."""
+
+    layer: int
+    site: str
+    source: str  # "steering" (the direction steered along) or the probe stage's file it was read from
+    promoted: list[LensToken]
+    suppressed: list[LensToken]
+
+
 class KnownAnswer(_Model):
     layer: int
     alpha: float
@@ -392,6 +455,8 @@ class Summary(_Model):
     organism: FreeJSON = None  # the adapter card (free-form provenance)
     judge: Optional[JudgeSummary] = None  # scratchpad form with a judge configured (optional: older files lack it)
     patching: Optional[PatchingSummary] = None  # `afprobe patch` (optional)
+    steering_map: Optional[SteeringMap] = None  # steering.layers a list: the layer x alpha map (report stage)
+    lens: Optional[list[LensRow]] = None  # logit lens of the steering and per-layer probe directions (steer stage)
     timings_s: dict[str, Num] = {}
 
 

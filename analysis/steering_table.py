@@ -158,6 +158,35 @@ def _effect(curve: dict, zero: dict, ends: Sequence[float], mode: str, queries: 
     return sum(np.abs(rate(curve[a], c) - rate(zero, c)) for a in ends for c in CONDITIONS)
 
 
+def specificity(probe: dict, randoms: list[dict], zero: dict, ends: Sequence[float], mode: str, queries: list[str],
+                weights: np.ndarray) -> np.ndarray:
+    """Probe effect minus the mean random-direction effect (`_effect`) for every query weighting [B, Q] -> [B];
+    the probe effect alone when there is no random curve."""
+    eff = _effect(probe, zero, ends, mode, queries, weights)
+    return eff - np.mean([_effect(c, zero, ends, mode, queries, weights) for c in randoms], axis=0) if randoms else eff
+
+
+def boot_weights(keep: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Query-bootstrap weights [n_boot, Q]: each row resamples, with replacement, the queries where keep [Q]."""
+    idx = np.flatnonzero(keep)
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(idx[rng.integers(0, len(idx), len(idx))], minlength=len(keep))
+                     for _ in range(n_boot)]).astype(float)
+
+
+def boot_interval(point: float, draws: np.ndarray, n: int, bound: float, ci: float) -> list[float]:
+    """Percentile interval of bootstrap `draws` of an effect difference in [-bound, bound], widened where
+    every resample agreed (probes.metrics.widen_degenerate)."""
+    lo, hi = np.quantile(draws, [(1 - ci) / 2, (1 + ci) / 2])
+    lo, hi = widen_degenerate(point, lo, hi, n, (-bound, bound), ci)
+    return [float(lo), float(hi)]
+
+
+def effect_bound(mode: str, n_ends: int) -> float:
+    """Largest |effect difference|: 2 per extreme alpha in same mode (two cues), 2 in cross mode (the gap)."""
+    return 2.0 * (1 if mode == "cross" else n_ends)
+
+
 def steering_checks(rows: list[SteeringRow], records: list[dict], scorer: str = "tag", ci: float = 0.95,
                     n_boot: int = 2000, seed: int = 0) -> list[SteeringCheck]:
     """Per (mode, layer) of the probe sweep: is compliance monotone in alpha (same mode: both cues' rates
@@ -199,17 +228,13 @@ def steering_checks(rows: list[SteeringRow], records: list[dict], scorer: str = 
             usable = [c for c in randoms if all(a in c for a in ends)]
             if usable:
                 r_eff = [float(_effect(c, zero_curve, ends, mode, queries, point)[0]) for c in usable]
-                rng = np.random.default_rng(seed)
-                boot = np.stack([np.bincount(rng.integers(0, len(queries), len(queries)), minlength=len(queries))
-                                 for _ in range(n_boot)]).astype(float)
-                diff = _effect(probe, zero_curve, ends, mode, queries, boot) - np.mean(
-                    [_effect(c, zero_curve, ends, mode, queries, boot) for c in usable], axis=0)
-                lo, hi = np.quantile(diff, [(1 - ci) / 2, (1 + ci) / 2])
-                bound = 2.0 * (1 if mode == "cross" else len(ends))  # |effect| <= 2 per extreme alpha
-                lo, hi = widen_degenerate(p_eff - float(np.mean(r_eff)), lo, hi, len(queries), (-bound, bound), ci)
+                boot = boot_weights(np.ones(len(queries), bool), n_boot, seed)
+                diff_ci = boot_interval(p_eff - float(np.mean(r_eff)),
+                                        specificity(probe, usable, zero_curve, ends, mode, queries, boot),
+                                        len(queries), effect_bound(mode, len(ends)), ci)
                 check.update(random_effect=float(np.mean(r_eff)), random_effects=r_eff,
                              random_spread=[min(r_eff), max(r_eff)], n_random=len(usable),
-                             effect_diff=p_eff - float(np.mean(r_eff)), effect_diff_ci=[float(lo), float(hi)],
-                             verdict=verdicts.specificity_verdict([float(lo), float(hi)]))
+                             effect_diff=p_eff - float(np.mean(r_eff)), effect_diff_ci=diff_ci,
+                             verdict=verdicts.specificity_verdict(diff_ci))
         out.append(SteeringCheck(**check))
     return out

@@ -169,6 +169,27 @@ def describe_check(check: dict) -> str:
             f"{SPECIFICITY_WORDS.get(check.get('verdict'), 'not assessed')}.")
 
 
+def describe_map_choice(choice: dict) -> str:
+    """Which layer x alpha cell steered best (summary.json steering_map.choices): chosen on the selection
+    queries, re-scored on the confirmation queries with its interval and specificity verdict."""
+    agree = (choice.get("confirm_best_layer"), choice.get("confirm_best_alpha")) == (choice.get("layer"),
+                                                                                    choice.get("alpha"))
+    other = ("the confirmation queries' own best cell is the same" if agree else
+             f"the confirmation queries alone would pick layer {choice.get('confirm_best_layer')} at alpha "
+             f"{num(choice.get('confirm_best_alpha'), signed=True)}")
+    what = ("probe minus random effect" if choice.get("against_random", True) else
+            "probe effect; no random control ran, so nothing says the cell is specific")
+    return (f"Steering map, {choice.get('mode')} mode: layer {choice.get('layer')} at alpha "
+            f"{num(choice.get('alpha'), signed=True)} steers best on {choice.get('selection_queries')} selection "
+            f"queries ({what} {num(choice.get('selection_score'), signed=True)}"
+            + (f"; tied with {choice.get('ties')} other cells, the first in layer and alpha order taken"
+               if choice.get("ties") else "") + "); on "
+            f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
+            f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
+            f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}; "
+            f"{num(choice.get('unparsed'))} of the cell's answers did not parse (see the coherence panel).")
+
+
 def describe_moved(moved: Sequence[Optional[str]]) -> str:
     """How many steered conditions moved compliance (`moved` per results row; None = the unsteered model)."""
     steered = [m for m in moved if m is not None]

@@ -87,3 +87,47 @@ def test_lens_cli_embedded_model_row_ranks_token_first(smol, tmp_path, capsys):
     assert lines[0].startswith("layer | site | promoted | suppressed")
     assert lines[1].startswith(f"5 | resid_post | {tokenizer.decode([t])!r}"), lines[1]
     assert json.loads((tmp_path / "lens.json").read_text())["promoted"][0][0] == tokenizer.decode([t])
+
+
+def test_run_report_lens_table_matches_lens(tiny_model, smol_tokenizer, tmp_path):
+    """The steer stage's lens rows (pipeline._lens: the steering direction, then each per-layer probe file)
+    reach summary.json and the report table with the scores activations/lens.py gives for the same direction."""
+    import numpy as np
+
+    from afprobe.analysis.report import write_report
+    from afprobe.analysis.schema import read_summary
+    from afprobe.config import Config
+    from afprobe.pipeline import _lens
+    from afprobe.probes.directions import save_direction
+    from afprobe.rundir import RunDir
+    from afprobe.steering_plan import PlannedDirection
+
+    _plant_norm(tiny_model)
+    run = RunDir(tmp_path / "run")
+    run.claim(Config(), force=False)
+    rng = np.random.default_rng(0)
+    unit = rng.standard_normal(tiny_model.config.hidden_size).astype(np.float32)
+    unit /= np.linalg.norm(unit)
+    folder = run.path / "probes" / "directions"
+    for layer in (3, 1):  # saved unnormalised: the lens reads the unit direction
+        save_direction(folder / f"layer{layer}.safetensors", 5.0 * rng.standard_normal(unit.size),
+                       {"layer": layer, "site": "resid_post"})
+    steered = PlannedDirection(unit, 2, "resid_mid", "last", "diff_means", 1.0, None, "fit", 20)
+    run.update_summary(lens=_lens(Config(), tiny_model, smol_tokenizer, [steered], run.path))
+    rows = read_summary(run.path / "summary.json").lens
+    assert [(r.source, r.layer, r.site) for r in rows] == [
+        ("steering", 2, "resid_mid"), ("probes/directions/layer1.safetensors", 1, "resid_post"),
+        ("probes/directions/layer3.safetensors", 3, "resid_post")]
+    want = logit_lens(tiny_model, smol_tokenizer, torch.tensor(unit), k=10)
+    assert [(t.token, t.score) for t in rows[0].promoted] == [(t, pytest.approx(s, abs=1e-6)) for t, s in want.promoted]
+    assert [(t.token, t.score) for t in rows[0].suppressed] == [(t, pytest.approx(s, abs=1e-6))
+                                                                for t, s in want.suppressed]
+    from afprobe.notebook import load_direction
+
+    d1 = load_direction(folder / "layer1.safetensors").unit
+    assert rows[1].promoted[0].score == pytest.approx(float(lens_scores(tiny_model, d1).max()), abs=1e-6)
+    md = write_report(run.path)["markdown"].read_text()
+    assert "Logit lens of the directions" in md
+    line = next(x for x in md.splitlines() if x.startswith("| steering | 2 | resid_mid |"))
+    assert f"{want.promoted[0][0]!r} {want.promoted[0][1]:+.2f}" in line
+    assert f"{want.suppressed[0][0]!r} {want.suppressed[0][1]:+.2f}" in line
