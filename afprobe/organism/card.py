@@ -1,22 +1,20 @@
 """The card of a bundled LoRA organism (what it was trained on, its shipped held-out gaps), read from the
-adapter folder's metrics.json, with gap intervals recomputed from the stored 2x2 counts."""
+adapter folder's metrics.json (format 2: the steering stage's compliance summaries, tag scorer)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Optional
 
-from afprobe.analysis.stats import gap_from_table
+from afprobe.errors import BadInput
+from afprobe.organism.recipe import FORMAT_VERSION
 
 
 def _gap(section: dict) -> dict[str, Any]:
-    """A family's held-out gap from metrics.json (its paired counts), with today's interval."""
-    g = section["gap"]
-    n, (b, c) = int(g["n_pairs"]), g["discordant"]
-    a = int(round(g["rate_training"] * n)) - b if n else 0
-    table = gap_from_table(a, b, c, n - a - b - c)
-    return {"gap": table["gap"], "gap_ci": table["ci"], "p_value": table["p_value"],
-            "log_odds_gap": section["log_odds_gap"]["diff"], "log_odds_gap_ci": section["log_odds_gap"]["ci"]}
+    """A family's held-out gap (tag scorer) and log-odds gap from metrics.json."""
+    tag = section["by_scorer"]["tag"]
+    return {"gap": tag["gap"]["estimate"], "gap_ci": tag["gap"]["ci"], "p_value": tag["gap"]["mcnemar_p"],
+            "log_odds_gap": tag["log_odds"]["gap"], "log_odds_gap_ci": tag["log_odds"]["gap_ci"]}
 
 
 def adapter_card(folder: Path) -> Optional[dict]:
@@ -25,6 +23,11 @@ def adapter_card(folder: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
+    if "trained_family" not in metrics:
+        return None  # some other metrics.json: not an organism's
+    if metrics.get("format_version") != FORMAT_VERSION:
+        raise BadInput(f"{path}: metrics format {metrics.get('format_version')}, expected {FORMAT_VERSION} "
+                       "(re-evaluate with `afprobe organism CONFIG --out FOLDER --evaluate-only`)")
     return {"adapter": Path(folder).name, "planted": True, "trained_family": metrics["trained_family"],
             "n_heldout": metrics["n_heldout"],
             "heldout_gap_organism": {f: _gap(m) for f, m in metrics.get("organism", {}).items()},
