@@ -14,7 +14,8 @@ from transformers import DynamicCache
 from afprobe.activations.loading import ADAPTERS_DIR
 from afprobe.activations.scenarios import answer_tags
 from afprobe.config import OrganismConfig, load_config
-from afprobe.organism import card, evaluation, main, recipe as O, training as T
+from afprobe.organism import card, evaluation, recipe as O, training as T
+from afprobe.organism.main import train_organism
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ADAPTERS_DIR / "planted-gap"
@@ -129,6 +130,10 @@ def test_cli_refuses_a_bad_recipe_before_loading(tmp_path, capsys):
     assert code == 2
     assert "unknown cue family 'nope'" in capsys.readouterr().err
     assert main(["organism", str(CONFIG), "--out", str(tmp_path / "o"), "--set", "organism.rank=0"]) == 2
+    # re-evaluating needs a trained adapter in the folder
+    (tmp_path / "empty").mkdir()
+    assert main(["organism", str(CONFIG), "--out", str(tmp_path / "empty"), "--evaluate-only"]) == 2
+    assert "no trained adapter here" in capsys.readouterr().err
 
 
 def test_frozen_bottom_matches_a_plain_forward(smol):
@@ -216,7 +221,7 @@ def test_batched_evaluation_matches_plain_forwards(organism, direct_log_odds):
 @pytest.mark.slow
 def test_retraining_reproduces_shipped_metrics(tmp_path, training, shipped_metrics):
     cfg = load_config(CONFIG)
-    metrics = main.train_organism(cfg, tmp_path, quiet=True, families=["tier_tag"], evaluate_base=False)
+    metrics = train_organism(cfg, tmp_path, quiet=True, families=["tier_tag"], evaluate_base=False)
     retrained = json.loads((tmp_path / "training.json").read_text())
     assert retrained["split"] == training["split"]
     assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
