@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from afprobe.activations.loading import ADAPTERS_DIR
 from afprobe.activations.scenarios import answer_tags
 from afprobe.config import OrganismConfig, load_config
+from afprobe.errors import BadInput
 from afprobe.organism import card, evaluation, recipe as O, training as T
 from afprobe.organism.main import train_organism
 
@@ -106,21 +107,40 @@ def test_shipped_metrics_show_the_planted_gap(shipped_metrics):
     assert card.adapter_card(ADAPTER)["heldout_gap_organism"]["tier_tag"]["gap_ci"] == tag["gap"]["ci"]
 
 
-def test_shipped_metrics_match_the_evaluation_they_replaced(shipped_metrics):
-    """metrics.json was re-evaluated on the shared engine (format 2); its per-prompt log-odds and tags equal those
-    of the organism's own evaluator it replaced (format 1, kept in git at main's first commit of this change)."""
+@pytest.fixture(scope="module")
+def old_metrics() -> dict:
+    """The format-1 metrics.json the organism's former evaluator wrote (from git)."""
     import subprocess
 
     try:
-        old = json.loads(subprocess.run(["git", "show", f"{OLD_METRICS}:activations/data/adapters/planted-gap/metrics.json"],
-                                        cwd=ROOT, capture_output=True, check=True, text=True).stdout)
+        out = subprocess.run(["git", "show", f"{OLD_METRICS}:activations/data/adapters/planted-gap/metrics.json"],
+                             cwd=ROOT, capture_output=True, check=True, text=True).stdout
     except (subprocess.CalledProcessError, FileNotFoundError):
         pytest.skip("the format-1 metrics.json is not in this checkout's git history")
+    return json.loads(out)
+
+
+def test_shipped_metrics_match_the_evaluation_they_replaced(shipped_metrics, old_metrics):
+    """metrics.json was re-evaluated on the shared engine (format 2); its per-prompt log-odds and tags equal those
+    of the organism's own evaluator it replaced (format 1)."""
+    if shipped_metrics["format_version"] == 1:
+        pytest.skip("the shipped metrics.json has not been re-evaluated yet")
     new = {r["prompt_id"]: r for r in shipped_metrics["per_prompt"]}
-    assert set(new) == {r["prompt_id"] for r in old["per_prompt"]}
-    for r in old["per_prompt"]:
+    assert set(new) == {r["prompt_id"] for r in old_metrics["per_prompt"]}
+    for r in old_metrics["per_prompt"]:
         assert new[r["prompt_id"]]["log_odds"] == pytest.approx(r["log_odds"], abs=1e-3), r["prompt_id"]
         assert new[r["prompt_id"]]["tag"] == r["tag"], r["prompt_id"]
+
+
+def test_card_reads_format_1_with_todays_interval(old_metrics, tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps(old_metrics))
+    gap = card.adapter_card(tmp_path)["heldout_gap_organism"]["tier_tag"]
+    assert old_metrics["organism"]["tier_tag"]["gap"]["ci"] == [1.0, 1.0]  # the old zero-width bootstrap
+    lo, hi = gap["gap_ci"]
+    assert gap["gap"] == 1.0 and 0 < lo < hi == 1.0
+    (tmp_path / "metrics.json").write_text(json.dumps({**old_metrics, "format_version": 7}))
+    with pytest.raises(BadInput):
+        card.adapter_card(tmp_path)
 
 
 def test_cli_refuses_a_bad_recipe_before_loading(tmp_path, capsys):
