@@ -68,6 +68,11 @@ class SteeringSpec:
                             site=self.site)
 
 
+def unsteered_spec(d_model: int) -> SteeringSpec:
+    """The unsteered model as a spec (alpha 0: no edit, the shared prefix reused), for records that need one."""
+    return SteeringSpec("probe", torch.zeros(d_model), 0.0, (0,), alpha=0.0)
+
+
 def random_orthogonal(unit: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded random unit vector orthogonal to `unit` ([d])."""
     gen = torch.Generator().manual_seed(seed)

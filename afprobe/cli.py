@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_set(command("organism", help="train the planted-gap LoRA adapter (positive control)"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-evaluate the adapter already in --out (its weights and training.json are kept)")
     p = command("sweep", help="a grid of runs (cells) from a sweep file, and one comparison (sweep.csv/.html/.md)")
     p.add_argument("sweep", nargs="?", help="the sweep file (YAML)")
     p.add_argument("--out", default=None, help="sweep folder (cells go to DIR/cells/)")
@@ -133,9 +135,9 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         plan_cli(args.config, args.overrides, args.gpus, args.gpu_memory, args.margin, args.json, quiet=quiet)
     elif args.command == "organism":
-        from afprobe.activations.organism import train_organism_cli
+        from afprobe.organism.main import train_organism_cli
 
-        train_organism_cli(args.config, Path(args.out), args.overrides, quiet=quiet)
+        train_organism_cli(args.config, Path(args.out), args.overrides, quiet=quiet, evaluate_only=args.evaluate_only)
     elif args.command == "sweep":
         from afprobe.sweep import run_sweep, sweep_status
 

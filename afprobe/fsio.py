@@ -34,8 +34,9 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+def atomic_write_json(path: PathLike, obj: Any, strict: bool = False) -> None:
+    """`strict`: refuse NaN and Infinity (ValueError) instead of writing them (they are not JSON)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default, allow_nan=not strict) + "\n")
 
 
 def atomic_write_jsonl(path: PathLike, rows: Iterable[dict]) -> None:

@@ -172,8 +172,8 @@ def control_families(cfg: Config) -> list[str]:
     return found if len(found) < len(cfg.scenario.cue_families) else []
 
 
-def _records(prompts: list[Any], spec: Any, texts: list[str], odds: list[float], gen: Any = None,
-             ends: Optional[list[dict]] = None) -> list[dict]:
+def steering_records(prompts: list[Any], spec: Any, texts: list[str], odds: list[float], gen: Any = None,
+                     ends: Optional[list[dict]] = None) -> list[dict]:
     """Generation records; `gen` (afprobe.generation.Generation) adds scratchpad fields and scores the output only."""
     gen = gen or Generation(Config())
     ends = ends or [{} for _ in prompts]
@@ -247,7 +247,7 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
         if gen.stop is not None:  # scratchpad form: each condition decodes until its rows close </OUTPUT>
             for j in pending:
                 texts, odds, ends = gen.score(runner, prompts, plan.specs[j], bar.update)
-                done[j] = _records(prompts, plan.specs[j], texts, odds, gen, ends)
+                done[j] = steering_records(prompts, plan.specs[j], texts, odds, gen, ends)
                 atomic_write_jsonl(parts / f"{_spec_name(plan.specs[j])}.jsonl", done[j])
             pending = []
         # pending conditions in chunks (each saved as it ends, to resume from): those steering the same layers
@@ -257,7 +257,7 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
             outs = runner.score_grid(prompts, [plan.specs[j] for j in chunk], accept, reject, st.max_new_tokens,
                                      st.do_sample, st.temperature, cfg.seed, bar.update)
             for j, (texts, odds) in zip(chunk, outs):
-                done[j] = _records(prompts, plan.specs[j], texts, odds, gen)
+                done[j] = steering_records(prompts, plan.specs[j], texts, odds, gen)
                 atomic_write_jsonl(parts / f"{_spec_name(plan.specs[j])}.jsonl", done[j])
         records += [r for j in range(len(plan.specs)) for r in done[j]]
         bar.close()
@@ -320,7 +320,7 @@ def _judge_traces(run_dir: Path, overrides: Sequence[str], quiet: bool, loaded: 
 
 def _organism_card(cfg: Config) -> Optional[dict]:
     from afprobe.activations.loading import resolve_spec
-    from afprobe.analysis.organism_card import adapter_card
+    from afprobe.organism.card import adapter_card
 
     if cfg.model.remote == "ndif":  # the adapter is a hub id NDIF applies; no local files to read a card from
         return None
@@ -333,10 +333,9 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
     """Unsteered compliance under every cue family present, on the steering queries (does the gap transfer?).
 
     The steered family's numbers come from the sweep's alpha-0 records; other families are scored here."""
-    import torch
     from tqdm.auto import tqdm
 
-    from afprobe.activations.steering import SteeringSpec
+    from afprobe.activations.steering import unsteered_spec
     from afprobe.analysis.steering_table import compliance_summary
 
     keep = {p.query_id for p in prompts}
@@ -348,12 +347,12 @@ def _family_compliance(cfg: Config, runner: Any, tokenizer: Any, prompts: list[A
     else:
         records = []
         if others:
-            spec = SteeringSpec("probe", torch.zeros(runner.backend.d_model), 0.0, (0,), alpha=0.0)  # unsteered
+            spec = unsteered_spec(runner.backend.d_model)
             gen = gen or Generation(cfg)
             bar = tqdm(total=len(others), desc="other cue families (unsteered)", unit="gen", disable=bar_quiet)
             texts, odds, ends = gen.score(runner, others, spec, bar.update)
             bar.close()
-            records = _records(others, spec, texts, odds, gen, ends)
+            records = steering_records(others, spec, texts, odds, gen, ends)
         atomic_write_jsonl(part, records)
     out = {}
     for family in [steered, *dict.fromkeys(r["family"] for r in records)]:

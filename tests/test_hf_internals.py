@@ -111,7 +111,7 @@ def test_one_module_owns_the_internals():
     offenders = []
     for folder in ("activations", "probes", "analysis", "afprobe"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path.name == "hf_internals.py" or path.name == "organism.py":  # organism: issue 15 part 1
+            if path.name == "hf_internals.py":
                 continue
             text = path.read_text()
             if "torch.ops.aten._" in text or "AttentionInterface" in text or "DynamicLayer" in text:

@@ -1,5 +1,6 @@
 """The rooms stay apart: model-facing code (activations/) imports nothing from analysis/ (checked by parsing
-every import, including those inside functions)."""
+every import, including those inside functions), and there is one model engine: only the engine's modules
+build KV caches or compute tag log-probabilities."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORGANISM = "organism.py"
+SOURCE_DIRS = ("activations", "afprobe", "analysis", "probes")
+# The shared engine: KV caches are built only here (kv.py is the name everything else imports them by) ...
+CACHE_MODULES = {"activations/kv.py", "activations/hf_internals.py", "activations/batching.py", "activations/trunk.py"}
+# ... and tag log-probabilities are computed only here: the steering runner, its remote (NDIF) half, and
+# activation patching's patched-run log-odds (an older routine on the same batching, not yet folded in)
+LOGPROB_MODULES = {"activations/steering.py", "activations/remote_ops.py", "activations/patching.py"}
 
 
 def _analysis_imports(path: Path, root: Path = ROOT) -> list[str]:
@@ -29,19 +35,34 @@ def _analysis_imports(path: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
-def _files(include_organism: bool) -> list[Path]:
-    return [p for p in sorted((ROOT / "activations").rglob("*.py")) if include_organism or p.name != ORGANISM]
+def _sources() -> list[Path]:
+    return [p for d in SOURCE_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
 
 
-def test_activations_import_nothing_from_analysis_outside_the_organism():
-    assert [hit for p in _files(False) for hit in _analysis_imports(p)] == []
-
-
-@pytest.mark.xfail(strict=True, reason="activations/organism.py still scores tags and computes its statistics with "
-                   "analysis/ (compliance, stats); the organism refactor (issue 15 part 1) moves them out. "
-                   "When this passes, remove the mark.")
 def test_activations_import_nothing_from_analysis():
-    assert [hit for p in _files(True) for hit in _analysis_imports(p)] == []
+    assert [hit for p in sorted((ROOT / "activations").rglob("*.py")) for hit in _analysis_imports(p)] == []
+
+
+def _uses(path: Path, name: str) -> list[int]:
+    """Lines where `name` is used as a name or an attribute (torch.log_softmax, F.log_softmax, DynamicCache)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+            if (isinstance(node, ast.Name) and node.id == name) or (isinstance(node, ast.Attribute) and node.attr == name)
+            or (isinstance(node, ast.ImportFrom) and any(a.name == name for a in node.names))]
+
+
+@pytest.mark.parametrize("name,allowed", [("DynamicCache", CACHE_MODULES), ("log_softmax", LOGPROB_MODULES)])
+def test_one_engine_builds_caches_and_scores_tags(name, allowed):
+    """No second KV cache or decoder/log-odds routine: the organism, the pipeline and analysis go through
+    activations/steering.py and activations/kv.py."""
+    found = [f"{p.relative_to(ROOT)}:{line}" for p in _sources() for line in _uses(p, name)
+             if str(p.relative_to(ROOT)) not in allowed]
+    assert found == []
+
+
+def test_the_engine_check_sees_a_second_cache(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from transformers import DynamicCache\nimport torch\ndef f(x):\n    return torch.log_softmax(x, -1)\n")
+    assert _uses(probe, "DynamicCache") == [1] and _uses(probe, "log_softmax") == [4]
 
 
 def test_the_import_check_sees_imports_inside_functions(tmp_path):
