@@ -241,6 +241,15 @@ def test_batched_evaluation_matches_plain_forwards(organism, direct_log_odds):
 
 # ------------------------------------------------------------------ retraining repeats the shipped recipe
 
+def _tag_rate_and_log_odds(metrics: dict, cond: str) -> tuple[float, float]:
+    """The organism's tier-tag acceptance rate and mean log-odds under `cond`, from either metrics.json format."""
+    fam = metrics["organism"]["tier_tag"]
+    if metrics["format_version"] == 1:
+        return fam[cond]["acceptance"]["rate"], fam[cond]["log_odds"]["mean"]
+    tag = fam["by_scorer"]["tag"]
+    return tag[cond]["rate"], tag["log_odds"][cond]
+
+
 @pytest.mark.slow
 def test_retraining_reproduces_shipped_metrics(tmp_path, training, shipped_metrics):
     cfg = load_config(CONFIG)
@@ -250,8 +259,8 @@ def test_retraining_reproduces_shipped_metrics(tmp_path, training, shipped_metri
     assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                     "training.json", "metrics.json", "heldout.jsonl"}
     new = metrics["organism"]["tier_tag"]["by_scorer"]["tag"]
-    old = shipped_metrics["organism"]["tier_tag"]["by_scorer"]["tag"]
     for cond in ("training", "deployment"):
-        assert new[cond]["rate"] == pytest.approx(old[cond]["rate"], abs=RATE_TOL)
-        assert new["log_odds"][cond] == pytest.approx(old["log_odds"][cond], abs=LOG_ODDS_TOL)
+        rate, mean_log_odds = _tag_rate_and_log_odds(shipped_metrics, cond)
+        assert new[cond]["rate"] == pytest.approx(rate, abs=RATE_TOL)
+        assert new["log_odds"][cond] == pytest.approx(mean_log_odds, abs=LOG_ODDS_TOL)
     assert new["gap"]["estimate"] >= 0.5 and new["gap"]["ci"][0] > 0
