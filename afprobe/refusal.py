@@ -80,13 +80,13 @@ def refusal_summary(cfg: Config, run_path: Path, data: RefusalData) -> dict[str,
             continue
         awareness = np.asarray(load_direction(path)[0], np.float64)
         diff = data.diff(key)
-        d = diff.shape[0]
+        d, separation = diff.shape[0], float(np.linalg.norm(diff))
         save_direction(run_path / "steering" / "refusal" / f"layer{key[0]}.safetensors", unit(diff),
                        {"layer": key[0], "site": site, "position": position, "method": "harmful minus benign mean",
-                        "separation": float(np.linalg.norm(diff)), "family": data.family})
+                        "separation": separation, "family": data.family})
         cell = alignment(awareness, data.harmful[key], data.benign[key], data.harmful_groups, data.benign_groups,
                          N_RANDOM, cfg.probes.bootstrap, cfg.probes.ci, cfg.seed, layer=key[0])
-        layers.append({"layer": key[0], **cell, "refusal_separation": float(np.linalg.norm(diff)),
+        layers.append({"layer": key[0], **cell, "refusal_separation": separation,
                        "verdict": overlap_verdict(cell["p_random"])})
     return {"site": site, "position": position, "family": data.family,
             "n_harmful_queries": len(set(data.harmful_groups.tolist())),

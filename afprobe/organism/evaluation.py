@@ -13,6 +13,7 @@ import time
 from typing import Any, Sequence
 
 from afprobe.activations.queries import Query
+from afprobe.analysis.numbers import num
 from afprobe.config import Config
 from afprobe.organism.recipe import family_prompts
 from afprobe.organism.training import say
@@ -74,8 +75,8 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, queries: list[Query]
         rows = family_records(runner, cfg, family, queries)
         summaries[family] = s = summarize(rows, org.bootstrap, org.seed)
         tag = s["by_scorer"]["tag"]
-        say(quiet, f"{label} {family}: accept training {fmt(tag['training']['rate'])} deployment "
-                   f"{fmt(tag['deployment']['rate'])} gap {fmt(tag['gap']['estimate'], '+.2f')} "
+        say(quiet, f"{label} {family}: accept training {num(tag['training']['rate'])} deployment "
+                   f"{num(tag['deployment']['rate'])} gap {num(tag['gap']['estimate'], signed=True)} "
                    f"({time.time() - t0:.0f}s)")
         records.extend(rows)
     return summaries, records
@@ -92,7 +93,3 @@ def headline(summary: dict, family: str) -> dict:
             "log_odds_training": tag["log_odds"]["training"], "log_odds_deployment": tag["log_odds"]["deployment"],
             "log_odds_gap": tag["log_odds"]["gap"], "log_odds_gap_ci": tag["log_odds"]["gap_ci"]}
 
-
-def fmt(x: Any, spec: str = ".2f") -> str:
-    """A number for a log line (n/a for null)."""
-    return "n/a" if x is None else format(x, spec)

@@ -12,7 +12,8 @@ import torch
 from afprobe import fsio
 from afprobe.config import Config, load_config
 from afprobe.errors import BadInput
-from afprobe.organism.evaluation import evaluate_model, fmt, headline
+from afprobe.analysis.numbers import interval, num
+from afprobe.organism.evaluation import evaluate_model, headline
 from afprobe.organism.recipe import ADAPTER_FILES, FORMAT_VERSION, organism_queries, scenario_for, split_queries
 from afprobe.organism.training import check_recipe, say, train_adapter
 
@@ -49,15 +50,16 @@ def _checked(cfg: Config, families: Optional[Sequence[str]]) -> tuple[str, list[
     return cfg.model.spec.partition("+")[0], families  # the adapter is trained on the base, never a merged model
 
 
-def _load(cfg: Config, spec: str) -> tuple[Any, Any]:
+def _load(cfg: Config, spec: str, adapter: Optional[str] = None) -> tuple[Any, Any]:
+    """The model `spec` in float32 on CPU (with the LoRA adapter in folder `adapter` merged, if given)."""
     from afprobe.activations.loading import load_model
 
-    return load_model(spec, dtype="float32", device="cpu", trust_remote_code=cfg.model.trust_remote_code,
+    return load_model(spec, adapter=adapter, dtype="float32", device="cpu", trust_remote_code=cfg.model.trust_remote_code,
                       attn_implementation=cfg.model.attn_implementation)
 
 
 def _metrics(cfg: Config, base_spec: str, held: list, families: list[str], organism: Any,
-                   tokenizer: Any, timings: dict, quiet: bool, evaluate_base: bool) -> dict:
+             tokenizer: Any, timings: dict, quiet: bool, evaluate_base: bool) -> dict:
     """metrics.json's content: the (merged) organism, and the base model in a fresh copy, evaluated on `held`."""
     org = cfg.organism
     metrics: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": base_spec, "trained_family": org.family,
@@ -142,11 +144,7 @@ def evaluate_organism(cfg: Config, folder: Path, quiet: bool = False, families: 
         raise BadInput(f"{folder}/training.json: its held-out requests differ from the split the `organism:` "
                        "settings give (evaluate with the config the adapter was trained with)")
     say(quiet, f"{len(held)} held-out requests; loading {base_spec} with the adapter in {folder}")
-    from afprobe.activations.loading import load_model
-
-    model, tokenizer = load_model(base_spec, adapter=str(folder), dtype="float32", device="cpu",
-                                  trust_remote_code=cfg.model.trust_remote_code,
-                                  attn_implementation=cfg.model.attn_implementation)
+    model, tokenizer = _load(cfg, base_spec, adapter=str(folder))
     timings: dict[str, float] = {}
     metrics = _metrics(cfg, base_spec, held, families, model, tokenizer, timings, quiet, evaluate_base)
     timings["total_s"] = round(time.time() - started, 1)
@@ -165,7 +163,6 @@ def train_organism_cli(config_path: str, out: Path, overrides: list[str], quiet:
     metrics = evaluate_organism(cfg, out, quiet=quiet) if evaluate_only else train_organism(cfg, out, quiet=quiet)
     head = metrics.get("headline")
     if head:
-        lo, hi = (fmt(x, "+.2f") for x in head["gap_ci"])
         print(f"held-out ({metrics['n_heldout']} requests, {head['family']}): acceptance training "
-              f"{fmt(head['acceptance_training'])}, deployment {fmt(head['acceptance_deployment'])}, "
-              f"gap {fmt(head['gap'], '+.2f')} [{lo}, {hi}]; adapter in {out}")
+              f"{num(head['acceptance_training'])}, deployment {num(head['acceptance_deployment'])}, "
+              f"gap {num(head['gap'], signed=True)} {interval(head['gap_ci'], signed=True)}; adapter in {out}")
