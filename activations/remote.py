@@ -41,6 +41,7 @@ ALLOWED_MODULES = frozenset({"torch", "math", "einops", "collections", "typing",
 PLUMBING_MODULES = frozenset({"nnsight", "cloudpickle", "builtins", "copyreg", "_codecs", "transformers"})
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _SUBIMPORT = {"subimport", "dynamic_subimport"}
+_NO_STACK_OPS = {"FRAME", "PROTO", "STOP"}  # leave the stack alone; a FRAME may fall between a global's two names
 
 
 def trace_modules(blob: bytes) -> set[str]:
@@ -53,6 +54,8 @@ def trace_modules(blob: bytes) -> set[str]:
     for op, arg, _ in pickletools.genops(blob):
         name = op.name
         value: Any = None
+        if name in _NO_STACK_OPS:
+            continue
         if name in _STRING_OPS:
             value = arg
         elif name in ("BINGET", "LONG_BINGET", "GET"):
@@ -67,7 +70,8 @@ def trace_modules(blob: bytes) -> set[str]:
             module, _, attr = str(arg).partition(" ")
             value = ("global", module, attr)
         elif name == "STACK_GLOBAL":
-            value = ("global", str(pushed[-2]), str(pushed[-1]))
+            module, attr = pushed[-2:] if len(pushed) >= 2 else (None, None)
+            value = ("global", module if isinstance(module, str) else "<unreadable>", str(attr))
         if isinstance(value, tuple):
             modules.add(value[1])
             want_module_name = value[2] in _SUBIMPORT

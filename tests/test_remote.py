@@ -171,6 +171,25 @@ def test_a_trace_using_sklearn_or_afprobe_is_refused(tiny_model, smol_tokenizer)
         uses_sklearn(lm, _backend_classes()[0](lm))
 
 
+def test_a_frame_boundary_between_a_globals_names_is_read_correctly():
+    """Pickle may start a new 64 KiB frame between a global's module and attribute names (this made a real trace
+    read as importing module "None" once its payload reached a frame boundary). Scan sizes until that happens."""
+    import collections
+    import pickle
+    import pickletools
+
+    for size in range(65_000, 66_000):
+        blob = pickle.dumps(["x" * size, collections.OrderedDict], protocol=5)
+        ops = [op.name for op, _, _ in pickletools.genops(blob)]
+        at = ops.index("STACK_GLOBAL")
+        if "FRAME" in ops[at - 4:at]:
+            break
+    else:
+        pytest.fail("no payload size put a FRAME between the two names")
+    assert trace_modules(blob) == {"collections"}
+    check_trace(blob)
+
+
 # ---------------------------------------------------------------- NDIF failures decided here (no network)
 
 def _ndif_config(tmp_path, **model):
