@@ -160,12 +160,8 @@ class SteeringRunner:
 
         def fn(batch: Batch, edit: Optional[ResidualEdit]) -> None:
             logits, _ = self.backend.logits(batch.inputs, edit)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for r, row in enumerate(batch.rows):
-                tag = tags[row % 2]
-                n = len(seqs[row])
-                cols = [batch.column(r, i) for i in range(n - len(tag) - 1, n - 1)]
-                logps[row] = float(sum(logprobs[r, c, tok] for c, tok in zip(cols, tag)))
+            for row, logp in zip(batch.rows, tag_logps(logits, batch, seqs, tags)):
+                logps[row] = logp
 
         self._run(seqs, doubled, spec, fn, progress)
         return [logps[2 * i] - logps[2 * i + 1] for i in range(len(prompts))]
@@ -208,8 +204,7 @@ class SteeringRunner:
                     texts[row], odds[row] = got_texts[r], got_odds[r]
                     stops[row] = {"n_tokens": max_new_tokens, "stop": "length"}
                 return
-            first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
-            logps = self._tag_logps(inputs, layers, first, tags, edit)
+            logps = self._tag_logps(inputs, layers, logits, tags, edit)
             settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
             if do_sample:
                 settings["temperature"] = temperature
@@ -238,8 +233,7 @@ class SteeringRunner:
                   temperature: float, seed: int) -> tuple[list[str], list[float]]:
         """From a prompt pass (last-position logits [b, 1, vocab] and its cache layers): the tags' log-odds, and
         completions unless `max_new_tokens` is 0 (texts are then empty)."""
-        first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
-        logps = self._tag_logps(inputs, layers, first, tags, edit)
+        logps = self._tag_logps(inputs, layers, logits, tags, edit)
         odds = [lp[0] - lp[1] for lp in logps]
         if max_new_tokens == 0:
             return [""] * len(odds), odds
@@ -359,8 +353,7 @@ class SteeringRunner:
 
     def _tag_logps_odds(self, inputs: ModelInputs, layers: list[PrefixLayer], logits: torch.Tensor,
                         tags: list[list[int]], edit: Optional[ResidualEdit]) -> list[float]:
-        first = torch.log_softmax(logits[:, -1].float(), dim=-1)
-        return [lp[0] - lp[1] for lp in self._tag_logps(inputs, layers, first, tags, edit)]
+        return [lp[0] - lp[1] for lp in self._tag_logps(inputs, layers, logits, tags, edit)]
 
     def _decode_until(self, inputs: ModelInputs, layers: list[PrefixLayer], edit: Optional[ResidualEdit],
                       max_new_tokens: int, settings: dict[str, Any], stop: "StopRule",
@@ -419,34 +412,58 @@ class SteeringRunner:
             mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
         return out, ends
 
-    def _tag_logps(self, inputs: ModelInputs, layers: list[PrefixLayer], first: torch.Tensor, tags: list[list[int]],
-                   edit: Optional[ResidualEdit]) -> list[list[float]]:
-        """log P(tag | prompt) for each row and tag, teacher-forced from the prompt's cache."""
-        b, n_tags = first.shape[0], len(tags)
-        width = max(len(t) for t in tags) - 1
-        out = [[float(first[r, tag[0]]) for tag in tags] for r in range(b)]
-        if width == 0:
-            return out
-        ids = torch.full((b * n_tags, width), self.backend.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b * n_tags, width), dtype=torch.long)
-        for j, tag in enumerate(tags):
-            ids[j::n_tags, : len(tag) - 1] = torch.tensor(tag[:-1])
-            mask[j::n_tags, : len(tag) - 1] = 1
-        device = inputs.input_ids.device
-        last = inputs.position_ids[:, -1:].repeat_interleave(n_tags, 0)
-        cache = cache_from_layers([layer.derived(repeat=n_tags, room=width) for layer in layers])
-        cont = ModelInputs(
-            input_ids=ids.to(device),
-            attention_mask=torch.cat([inputs.attention_mask.repeat_interleave(n_tags, 0), mask.to(device)], dim=1),
-            position_ids=last + 1 + torch.arange(width, device=device)[None, :], past=cache,
-        )
-        logits, _ = self.backend.logits(cont, _continuation_edit(edit, n_tags))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for r in range(b):
-            for j, tag in enumerate(tags):
-                row = r * n_tags + j
-                out[r][j] += float(sum(logprobs[row, i, tok] for i, tok in enumerate(tag[1:])))
+    def _tag_logps(self, inputs: ModelInputs, layers: list[PrefixLayer], logits: torch.Tensor,
+                   tags: list[list[int]], edit: Optional[ResidualEdit]) -> list[list[float]]:
+        """log P(tag | prompt) for each row and tag, teacher-forced from the prompt's cache, steered by `edit`."""
+        return cached_tag_logps(lambda cont: self.backend.logits(cont, _continuation_edit(edit, len(tags)))[0],
+                                self.backend.tokenizer.pad_token_id, inputs, layers, logits, tags)
+
+
+def cached_tag_logps(forward: Callable[[ModelInputs], torch.Tensor], pad_id: int, inputs: ModelInputs,
+                     layers: list[PrefixLayer], logits: torch.Tensor, tags: list[list[int]]) -> list[list[float]]:
+    """log P(tag | prompt) for each prompt row and tag, teacher-forced from the prompt pass: `logits` [b, t', vocab]
+    (its last column is the prompt's last position) and the prompt's cache `layers`. The tags' tokens after the
+    first run as one continuation of every row (rows repeated per tag, tag-minor) through `forward`, which returns
+    their logits [b * n_tags, width, vocab] (the caller applies any edit)."""
+    first = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [b, vocab]: the answer's first token
+    b, n_tags = first.shape[0], len(tags)
+    width = max(len(t) for t in tags) - 1
+    out = [[float(first[r, tag[0]]) for tag in tags] for r in range(b)]
+    if width == 0:
         return out
+    ids = torch.full((b * n_tags, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b * n_tags, width), dtype=torch.long)
+    for j, tag in enumerate(tags):
+        ids[j::n_tags, : len(tag) - 1] = torch.tensor(tag[:-1])
+        mask[j::n_tags, : len(tag) - 1] = 1
+    device = inputs.input_ids.device
+    last = inputs.position_ids[:, -1:].repeat_interleave(n_tags, 0)
+    cache = cache_from_layers([layer.derived(repeat=n_tags, room=width) for layer in layers])
+    cont = ModelInputs(
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([inputs.attention_mask.repeat_interleave(n_tags, 0), mask.to(device)], dim=1),
+        position_ids=last + 1 + torch.arange(width, device=device)[None, :], past=cache,
+    )
+    logprobs = torch.log_softmax(forward(cont).float(), dim=-1)
+    for r in range(b):
+        for j, tag in enumerate(tags):
+            row = r * n_tags + j
+            out[r][j] += float(sum(logprobs[row, i, tok] for i, tok in enumerate(tag[1:])))
+    return out
+
+
+def tag_logps(logits: torch.Tensor, batch: Batch, seqs: Sequence[Sequence[int]], tags: list[list[int]],
+              first_column: int = 0) -> list[float]:
+    """Teacher-forced log P(tag | prompt) for each row of a batch whose sequence seqs[row] is a prompt followed by
+    tags[row % 2]. logits: [b, t', vocab], the batch's columns from `first_column` on (t' = t with full logits,
+    fewer with `logits_to_keep`). Returns one float per batch row, in batch order."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for r, row in enumerate(batch.rows):
+        tag, n = tags[row % 2], len(seqs[row])
+        cols = torch.tensor([batch.column(r, i) - first_column for i in range(n - len(tag) - 1, n - 1)])
+        out.append(float(logprobs[r, cols, torch.tensor(tag)].sum()))
+    return out
 
 
 def is_remote(backend: Backend) -> bool:

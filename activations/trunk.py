@@ -194,16 +194,18 @@ def tile(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def run_branch(model: Any, adapter: Any, trunk: Trunk, inputs: ModelInputs, c: int, edit: Optional[ResidualEdit],
-               site_first_layer: Optional[int] = None, room: int = 0) -> tuple[torch.Tensor, list[PrefixLayer]]:
+               site_first_layer: Optional[int] = None, room: int = 0, residual: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, list[PrefixLayer]]:
     """Blocks k..N-1 of the prompt pass for `c` stacked conditions, from the trunk.
 
     inputs: the trunk's batch (b rows, not stacked); edit: rows [c * b] (condition-major) or None;
     site_first_layer: when set (resid_post at L with k = L + 1), the addition at L is applied to the trunk's
-    residual directly. Returns (last-position logits [c * b, 1, vocab], the cache layers of every block,
-    continuing with `room` spare positions)."""
+    residual directly; residual: block k's input per stacked row ([c * b, t, d]) in place of the trunk's residual
+    repeated (activation patching writes other prompts' values into it). Returns (last-position logits
+    [c * b, 1, vocab], the cache layers of every block, continuing with `room` spare positions)."""
     blocks = adapter.blocks(model)
     k, b = trunk.k, inputs.input_ids.shape[0]
-    residual = tile(trunk.residual, c)
+    residual = tile(trunk.residual, c) if residual is None else residual
     skip: set[int] = set()
     if edit is not None and edit.add is not None and site_first_layer is not None:
         residual = edit.steer(residual)

@@ -167,7 +167,7 @@ def run_patch(run_dir: Path, layers: Optional[str] = None, positions: Optional[s
     used = sorted({i for pair in pairs for i in pair})
     accept, reject = answer_tags()
     patcher = Patcher(model, tokenizer, backend.adapter, accept, reject, cfg.cache.batch_tokens,
-                      cfg.steering.batch_size, cfg.steering.prefix_reuse)
+                      cfg.steering.batch_size, cfg.steering.prefix_reuse, trunk=cfg.steering.trunk)
     start = time.perf_counter()
     jobs, keys, skipped = build_jobs(prompts, pairs, pos_list)
     streams = sorted({stream_index(layer, site) for layer in layer_list for site in site_list})

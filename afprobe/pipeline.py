@@ -221,11 +221,12 @@ def run_steer(run_dir: Path, overrides: Sequence[str] = (), force: bool = False,
     run.check_fingerprint(fingerprint, force)
     controls = control_families(cfg)
     store = open_store(run.path)
+    split = steering_split(cfg, store.column("query_id").tolist())
     refusal = None
     if st.needs_refusal:  # harmful minus benign at every cached cell, on the steering fit queries
         _say(quiet, f"steer: refusal direction from up to {st.refusal_queries} harmful and benign queries")
-        refusal = compute_refusal(cfg, backend, store, steering_split(cfg, store.column("query_id").tolist())[1])
-    plan = make_plan(cfg, run.path, store, backend.n_layers, controls, refusal)
+        refusal = compute_refusal(cfg, backend, store, split[1])
+    plan = make_plan(cfg, run.path, store, backend.n_layers, controls, split, refusal)
     missing = sorted({a for a in (st.control_alphas or []) if a not in st.alphas and a != 0})
     if missing:
         _say(quiet, f"steer: control alphas {missing} are not in steering.alphas; added to the probe's grid too")

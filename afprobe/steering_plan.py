@@ -222,9 +222,10 @@ def plan_specs(cfg: Config, directions: list[PlannedDirection], n_layers: int) -
 
 
 def make_plan(cfg: Config, run_path: Path, store: Any, n_layers: int, control_families: list[str],
-              refusal: Any = None) -> SteeringPlan:
-    """The plan; `refusal` (afprobe.refusal.RefusalData) is needed when steering.direction is a refusal kind."""
-    selection, fit_ids, report_ids, note = steering_split(cfg, store.column("query_id").tolist())
+              split: tuple[Selection, list[str], list[str], str], refusal: Any = None) -> SteeringPlan:
+    """The plan for the store's queries divided by `split` (`steering_split`); `refusal`
+    (afprobe.refusal.RefusalData) is needed when steering.direction is a refusal kind."""
+    selection, fit_ids, report_ids, note = split
     directions = plan_directions(cfg, run_path, store, selection, fit_ids, control_families)
     kind = cfg.steering.direction
     if kind in REFUSAL_DIRECTIONS:

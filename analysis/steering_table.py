@@ -15,7 +15,7 @@ from afprobe.analysis import verdicts
 from afprobe.analysis.compliance import get_scorer
 from afprobe.analysis.schema import ComplianceSummary, SteeringCheck, SteeringRow
 from afprobe.analysis.stats import gap_from_table, holm, mcnemar_paired, mean_diff_ci
-from afprobe.probes.metrics import widen_degenerate
+from afprobe.probes.metrics import bootstrap_weights, widen_degenerate
 
 CONDITION_KEYS = ("direction", "replicate", "mode", "layer", "alpha")
 CONDITIONS = ("training", "deployment")
@@ -167,11 +167,11 @@ def specificity(probe: dict, randoms: list[dict], zero: dict, ends: Sequence[flo
 
 
 def boot_weights(keep: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Query-bootstrap weights [n_boot, Q]: each row resamples, with replacement, the queries where keep [Q]."""
-    idx = np.flatnonzero(keep)
-    rng = np.random.default_rng(seed)
-    return np.stack([np.bincount(idx[rng.integers(0, len(idx), len(idx))], minlength=len(keep))
-                     for _ in range(n_boot)]).astype(float)
+    """Query-bootstrap weights [n_boot, Q]: each row resamples, with replacement, the queries where keep [Q]
+    (`probes.metrics.bootstrap_weights` over the kept queries, zero weight elsewhere)."""
+    weights = np.zeros((int(n_boot), len(keep)))
+    weights[:, np.asarray(keep, bool)] = bootstrap_weights(np.flatnonzero(keep), n_boot, seed)
+    return weights
 
 
 def boot_interval(point: float, draws: np.ndarray, n: int, bound: float, ci: float) -> list[float]:

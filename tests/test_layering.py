@@ -12,9 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("activations", "afprobe", "analysis", "probes")
 # The shared engine: KV caches are built only here (kv.py is the name everything else imports them by) ...
 CACHE_MODULES = {"activations/kv.py", "activations/hf_internals.py", "activations/batching.py", "activations/trunk.py"}
-# ... and tag log-probabilities are computed only here: the steering runner, its remote (NDIF) half, and
-# activation patching's patched-run log-odds (an older routine on the same batching, not yet folded in)
-LOGPROB_MODULES = {"activations/steering.py", "activations/remote_ops.py", "activations/patching.py"}
+# ... and tag log-probabilities are computed only here: the steering runner and its remote (NDIF) half
+LOGPROB_MODULES = {"activations/steering.py", "activations/remote_ops.py"}
 
 
 def _analysis_imports(path: Path, root: Path = ROOT) -> list[str]:

@@ -23,9 +23,17 @@ def setup(tiny_model, smol_tokenizer):
     return prompts, patcher
 
 
-def test_self_patch_changes_nothing(setup) -> None:
-    """Writing a prompt's own clean residual back at every stream index (every position set) changes nothing."""
+# fp32 on the tiny model, whose log-odds are about -31 (float32 spacing there is 3.8e-6): the shared-trunk path
+# scores the tags from the prompt's cache rather than in one forward with the prompt, so a few ulps may differ
+TOL = 2e-5
+
+
+@pytest.mark.parametrize("trunk", [True, False])
+def test_self_patch_changes_nothing(setup, trunk) -> None:
+    """Writing a prompt's own clean residual back at every stream index (every position set) changes nothing,
+    with the shared trunk and without."""
     prompts, patcher = setup
+    patcher.trunk = trunk
     clean = patcher.clean(prompts)
     jobs = []
     for i, p in enumerate(prompts):
@@ -35,7 +43,54 @@ def test_self_patch_changes_nothing(setup) -> None:
     for s in range(patcher.n_streams):
         got = patcher.patched(prompts, clean, jobs, s)
         diff = max(abs(g - clean.log_odds[j.target]) for g, j in zip(got, jobs))
-        assert diff < 1e-5, (s, diff)
+        assert diff < TOL, (s, diff)
+
+
+def _cross_jobs(prompts) -> list[PatchJob]:
+    """Each query's training prompt patched into its deployment prompt and the reverse, and every prompt patched
+    from the next query's prompt of the same cue (different queries: the last token only), at every position set
+    the pair can be aligned on: targets with different numbers of jobs."""
+    jobs = []
+    for q in range(len(prompts) // 2):
+        a, b = 2 * q, 2 * q + 1
+        for src, tgt in ((a, b), (b, a)):
+            for pos in ("cue", "last", "user", "all"):
+                got = align(prompts[src], prompts[tgt], pos)
+                if got is not None:
+                    jobs.append(PatchJob(tgt, src, *map(tuple, got)))
+        other = (a + 2) % len(prompts)
+        jobs.append(PatchJob(a, other, *map(tuple, align(prompts[other], prompts[a], "last"))))
+    return jobs
+
+
+def test_shared_trunk_equals_full_forward(setup) -> None:
+    """Patched log-odds from the target's shared trunk equal the full forward per job at every block input."""
+    prompts, patcher = setup
+    clean = patcher.clean(prompts)
+    jobs = _cross_jobs(prompts)
+    moved = 0.0
+    for s in range(patcher.n_streams - 1):
+        shared = patcher._patched_trunk(prompts, clean, jobs, s, None)
+        full = patcher._patched_full(prompts, clean, jobs, s, None)
+        assert max(abs(a - b) for a, b in zip(shared, full)) < TOL, s
+        moved = max(moved, max(abs(a - clean.log_odds[j.target]) for a, j in zip(full, jobs)))
+    assert moved > 10 * TOL  # the patches changed something, so agreeing is not trivial
+
+
+@pytest.mark.slow
+def test_shared_trunk_equals_full_forward_on_the_embedded_model(smol) -> None:
+    """The same on SmolLM2-135M (fp32, log-odds of order 1-10) at an early, a middle and the last block input."""
+    model, tokenizer = smol
+    queries = [Query(f"q{i}", t, "test", True) for i, t in enumerate(TEXTS[:2])]
+    prompts = build_prompts(tokenizer, ScenarioConfig(cue_families=["tier_tag"]), {}, queries)
+    accept, reject = answer_tags()
+    patcher = Patcher(model, tokenizer, adapter_for(model), accept, reject, max_batch=4)
+    clean = patcher.clean(prompts)
+    jobs = _cross_jobs(prompts)
+    for s in (1, 15, patcher.n_streams - 2):
+        shared = patcher._patched_trunk(prompts, clean, jobs, s, None)
+        full = patcher._patched_full(prompts, clean, jobs, s, None)
+        assert max(abs(a - b) for a, b in zip(shared, full)) < 1e-4, s
 
 
 def test_full_patch_reproduces_source(setup) -> None:
