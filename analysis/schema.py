@@ -255,7 +255,8 @@ class MapChoice(_Model):
     """Which (layer, alpha) steers best in one mode: chosen on the selection queries, confirmed on the others.
     Score = the probe direction's effect at the cell minus the mean random direction's effect there (the
     steering checks' effect: summed |change of each cue's rate| vs alpha 0, or |change of the gap| in cross
-    mode); only cells with a random control compete (the largest |alpha| per layer unless configured)."""
+    mode); only cells with a random control compete (the largest |alpha| per layer unless configured), and of
+    those only the coherent ones (`max_unparsed`)."""
 
     mode: Literal["same", "cross"]
     layer: Optional[int] = None
@@ -263,6 +264,9 @@ class MapChoice(_Model):
     selection_score: Num = None  # on the selection queries
     selection_queries: int = 0
     unparsed: Num = None  # the chosen probe cell's unparsed fraction (its coherence)
+    max_unparsed: Num = None  # cells above this unparsed fraction on the selection queries could not be chosen ...
+    incoherent_excluded: int = 0  # ... how many were excluded
+    all_incoherent: bool = False  # every candidate was above it, so all competed
     ties: int = 0  # other candidate cells with the same selection score (the first in layer, alpha order wins)
     confirm_score: Num = None  # the same cell on the confirmation queries
     confirm_ci: Interval = [None, None]  # paired bootstrap over confirmation queries

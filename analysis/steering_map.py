@@ -21,6 +21,7 @@ from afprobe.analysis.steering_table import (
 from afprobe.probes.splits import derive_seed
 
 SPLIT_STREAM = 17  # derive_seed tag of the selection / confirmation split of the steered queries
+MAX_UNPARSED = 0.5  # a cell whose probe answers fail to parse more often than this (on the half choosing) cannot win
 
 
 def map_split(queries: list[str], seed: int) -> tuple[list[str], list[str]]:
@@ -36,6 +37,28 @@ def _unparsed(records: list[dict]) -> Optional[float]:
     """Fraction of records (both cues) whose answer tag did not parse."""
     flags = [np.isnan(outcome(r, "tag")) for r in records]
     return float(np.mean(flags)) if flags else None
+
+
+def _half_unparsed(records: list[dict], mode: str, cand: list[tuple[int, float]], queries: list[str]
+                   ) -> np.ndarray:
+    """[len(cand)] unparsed fraction of each candidate probe cell's records on `queries` (NaN: none there)."""
+    keep = set(queries)
+    by_cell: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["direction"] == "probe" and r["mode"] == mode and r["query_id"] in keep:
+            by_cell.setdefault((r["layer"], r["alpha"]), []).append(r)
+    return np.array([_unparsed(by_cell.get(c, [])) if by_cell.get(c) else np.nan for c in cand], dtype=float)
+
+
+def _competing(unparsed: np.ndarray, max_unparsed: float) -> tuple[np.ndarray, int]:
+    """(mask of the cells that may be chosen: unparsed fraction at most `max_unparsed`, or every cell when none
+    is; how many cells were over it)."""
+    ok = ~(unparsed > max_unparsed)
+    return (ok if ok.any() else np.ones_like(ok)), int(np.sum(~ok))
+
+
+def _best(score: np.ndarray, competing: np.ndarray) -> int:
+    return int(np.nanargmax(np.where(competing, score, -np.inf)))
 
 
 def _mean(values: list[Optional[float]]) -> Optional[float]:
@@ -87,11 +110,14 @@ def _choose(curves: dict, zero: dict, mode: str, layers: list[int], queries: lis
 
 
 def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "tag", ci: float = 0.95,
-                 n_boot: int = 2000, seed: int = 0, split_note: str = "") -> Optional[SteeringMap]:
+                 n_boot: int = 2000, seed: int = 0, split_note: str = "",
+                 max_unparsed: float = MAX_UNPARSED) -> Optional[SteeringMap]:
     """The layer x alpha map and, per mode, the best cell: highest (probe effect - mean random effect) on the
-    selection half of the steered queries (`map_split`), re-scored on the confirmation half with a query
-    bootstrap interval and specificity verdict, and the confirmation half's own argmax for comparison. None
-    when fewer than two layers were steered or there is no unsteered pass."""
+    selection half of the steered queries (`map_split`) among the cells that stay coherent there (at most
+    `max_unparsed` of the probe's answers unparsed; every cell competes when none does), re-scored on the
+    confirmation half with a query bootstrap interval and specificity verdict, and the confirmation half's own
+    argmax (by the same rule on its own answers) for comparison. None when fewer than two layers were steered or
+    there is no unsteered pass."""
     base = baseline_records(records)
     probe_layers = sorted({r["layer"] for r in records if r["direction"] == "probe" and r["alpha"] not in (None, 0)})
     if base is None or len(probe_layers) < 2:
@@ -109,12 +135,15 @@ def steering_map(rows: list[SteeringRow], records: list[dict], scorer: str = "ta
         cand, score = _choose(curves, zero, mode, probe_layers, queries, halves)
         if not cand:
             continue
-        best = int(np.nanargmax(score[:, 0]))
-        other = int(np.nanargmax(score[:, 1])) if confirm else best
+        competing, excluded = _competing(_half_unparsed(records, mode, cand, select), max_unparsed)
+        best = _best(score[:, 0], competing)
+        other = _best(score[:, 1], _competing(_half_unparsed(records, mode, cand, confirm), max_unparsed)[0]) \
+            if confirm else best
         layer, alpha = cand[best]
-        ties = int(np.sum(np.isclose(score[:, 0], score[best, 0]))) - 1  # argmax takes the first of these
+        ties = int(np.sum(np.isclose(score[competing, 0], score[best, 0]))) - 1  # argmax takes the first of these
         choice = MapChoice(mode=mode, layer=layer, alpha=alpha, selection_score=float(score[best, 0]), ties=ties,
-                           unparsed=unparsed.get((mode, layer, alpha)),
+                           unparsed=unparsed.get((mode, layer, alpha)), incoherent_excluded=excluded,
+                           all_incoherent=excluded == len(cand), max_unparsed=max_unparsed,
                            selection_queries=len(select), confirm_queries=len(confirm),
                            confirm_best_layer=cand[other][0], confirm_best_alpha=cand[other][1])
         if not any(k[0] == "random" and k[2] == mode for k in curves):  # probe effect alone: no specificity

@@ -183,7 +183,12 @@ def describe_map_choice(choice: dict) -> str:
             f"{num(choice.get('alpha'), signed=True)} steers best on {choice.get('selection_queries')} selection "
             f"queries ({what} {num(choice.get('selection_score'), signed=True)}"
             + (f"; tied with {choice.get('ties')} other cells, the first in layer and alpha order taken"
-               if choice.get("ties") else "") + "); on "
+               if choice.get("ties") else "")
+            + (f"; {choice.get('incoherent_excluded')} cells excluded as incoherent (over "
+               f"{num(choice.get('max_unparsed'))} of their answers unparsed)" if choice.get("incoherent_excluded")
+               and not choice.get("all_incoherent") else "")
+            + ("; every candidate cell was incoherent, so all competed" if choice.get("all_incoherent") else "")
+            + "); on "
             f"{choice.get('confirm_queries')} confirmation queries the same cell gives "
             f"{num(choice.get('confirm_score'), signed=True)} {interval(choice.get('confirm_ci'), signed=True)}: "
             f"{SPECIFICITY_WORDS.get(choice.get('verdict'), 'not assessed')}; {other}; "

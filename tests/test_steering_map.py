@@ -155,3 +155,23 @@ def test_ties_are_counted_and_said():
     (choice,) = steering_map(results_rows(flat, n_boot=50), flat, n_boot=100).choices
     assert choice.selection_score == 0 and choice.ties == 3  # 2 layers x 2 control alphas, minus the chosen one
     assert "tied with 3 other cells" in describe_map_choice(choice.model_dump())
+
+
+def test_incoherent_cells_cannot_be_chosen():
+    """A cell that moves the log-odds as much as the best one but whose answers no longer parse (layer 10, +4
+    here: every answer unparsed, log-odds swapped) ties with it and, coming first, would win; cells with more
+    than half their answers unparsed on the selection queries are excluded, so the coherent cell is chosen."""
+    from afprobe.analysis.verdicts import describe_map_choice
+
+    recs = [{**r, "tag": "unparsed", "completion": "???", "refusal": False,
+             "log_odds": -1.0 if r["condition"] == "training" else 1.0}
+            if (r["direction"], r["layer"], r["alpha"]) == ("probe", 10, 4.0) else r for r in synthetic_records()]
+    rows = results_rows(recs, n_boot=50)
+    ungated = steering_map(rows, recs, scorer="logodds", n_boot=100, max_unparsed=1.0).choices[0]
+    assert (ungated.layer, ungated.alpha) == (10, 4.0) and ungated.unparsed == 1.0 and ungated.ties == 1
+    (choice,) = steering_map(rows, recs, scorer="logodds", n_boot=100).choices
+    assert (choice.layer, choice.alpha) == BEST and choice.unparsed == 0.0
+    assert choice.incoherent_excluded == 2 and not choice.all_incoherent  # layer 10 at -4 and at +4
+    assert (choice.confirm_best_layer, choice.confirm_best_alpha) == BEST
+    assert "2 cells excluded as incoherent (over 0.50 of their answers unparsed)" in describe_map_choice(
+        choice.model_dump())
