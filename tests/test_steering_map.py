@@ -175,3 +175,15 @@ def test_incoherent_cells_cannot_be_chosen():
     assert (choice.confirm_best_layer, choice.confirm_best_alpha) == BEST
     assert "2 cells excluded as incoherent (over 0.50 of their answers unparsed)" in describe_map_choice(
         choice.model_dump())
+
+
+def test_when_every_cell_is_incoherent_all_compete_and_the_choice_says_so():
+    from afprobe.analysis.verdicts import describe_map_choice
+
+    recs = synthetic_records()
+    rows = results_rows(recs, n_boot=50)
+    (choice,) = steering_map(rows, recs, n_boot=100, max_unparsed=-1.0).choices  # every cell counts as over it
+    assert (choice.layer, choice.alpha) == BEST and choice.all_incoherent
+    assert choice.incoherent_excluded == 2 * len(LAYERS)  # every candidate (2 control alphas per layer)
+    text = describe_map_choice(choice.model_dump())
+    assert "every candidate cell was incoherent, so all competed" in text and "excluded as incoherent" not in text
