@@ -33,7 +33,7 @@ from afprobe.activations.attention import split_prefix
 from afprobe.activations.backends import ModelInputs
 from afprobe.activations.batching import Batch, PrefixCache, run_batches
 from afprobe.activations.steering import cached_tag_logps, tag_logps
-from afprobe.activations.trunk import run_branch, run_trunk, tile
+from afprobe.activations.trunk import run_branch, run_trunk, tile, tile_inputs
 
 POSITIONS = ("cue", "last", "user")
 
@@ -233,9 +233,7 @@ class Patcher:
                     residual[j * b + r, cols.to(residual.device)] = clean.resid[job.source][s].index_select(0, take).to(
                         residual.device, residual.dtype)
             logits, layers = run_branch(model, self.adapter, trunk, inputs, c, None, residual=residual)
-            stacked = ModelInputs(input_ids=tile(inputs.input_ids, c), attention_mask=tile(inputs.attention_mask, c),
-                                  position_ids=tile(inputs.position_ids, c))
-            logps = cached_tag_logps(forward, pad, stacked, layers, logits, self.tags)
+            logps = cached_tag_logps(forward, pad, tile_inputs(inputs, c), layers, logits, self.tags)
             for r, row in enumerate(batch.rows):
                 for j, index in enumerate(by_target[targets[row]]):
                     out[index] = logps[j * b + r][0] - logps[j * b + r][1]

@@ -290,7 +290,7 @@ class SteeringRunner:
                     touches_prefix: bool, accept: str, reject: str, max_new_tokens: int, do_sample: bool,
                     temperature: float, seed: int, progress: Optional[Callable[[int], None]]
                     ) -> list[tuple[list[str], list[float]]]:
-        from afprobe.activations.trunk import run_branch, run_trunk, trunk_boundary
+        from afprobe.activations.trunk import run_branch, run_trunk, tile_inputs, trunk_boundary
 
         tokenizer, model, adapter = self.backend.tokenizer, self.backend.model, self.backend.adapter
         tags = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (accept, reject)]
@@ -312,9 +312,7 @@ class SteeringRunner:
                 edit = _stacked_edit([s.edit(batch, prompts) for s in chunk], layers, site, b, t,
                                      inputs.input_ids.device)
                 logits, cache_layers = run_branch(model, adapter, trunk, inputs, c, edit, first_at_input)
-                stacked = ModelInputs(input_ids=_tile(inputs.input_ids, c), attention_mask=_tile(inputs.attention_mask, c),
-                                      position_ids=_tile(inputs.position_ids, c), full_ids=None
-                                      if inputs.full_ids is None else _tile(inputs.full_ids, c))
+                stacked = tile_inputs(inputs, c)
                 got_odds = self._tag_logps_odds(stacked, cache_layers, logits, tags, edit)
                 for j in range(c):
                     for r, row in enumerate(batch.rows):
@@ -478,10 +476,6 @@ def _settings(max_new_tokens: int, do_sample: bool, temperature: float) -> dict[
     if do_sample:
         settings["temperature"] = temperature
     return settings
-
-def _tile(x: torch.Tensor, c: int) -> torch.Tensor:
-    return x.repeat(c, *([1] * (x.dim() - 1)))
-
 
 def _stacked_edit(edits: list[Optional[ResidualEdit]], layers: tuple[int, ...], site: str, b: int, t: int,
                   device: torch.device) -> Optional[ResidualEdit]:

@@ -193,6 +193,13 @@ def tile(x: torch.Tensor, c: int) -> torch.Tensor:
     return x.repeat(c, *([1] * (x.dim() - 1)))
 
 
+def tile_inputs(inputs: ModelInputs, c: int, **fields: Any) -> ModelInputs:
+    """`inputs` ([b, ...]) repeated for c stacked conditions ([c * b, ...], condition-major), with `fields` set."""
+    return ModelInputs(input_ids=tile(inputs.input_ids, c), attention_mask=tile(inputs.attention_mask, c),
+                       position_ids=tile(inputs.position_ids, c),
+                       full_ids=None if inputs.full_ids is None else tile(inputs.full_ids, c), **fields)
+
+
 def run_branch(model: Any, adapter: Any, trunk: Trunk, inputs: ModelInputs, c: int, edit: Optional[ResidualEdit],
                site_first_layer: Optional[int] = None, room: int = 0, residual: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, list[PrefixLayer]]:
@@ -219,8 +226,7 @@ def run_branch(model: Any, adapter: Any, trunk: Trunk, inputs: ModelInputs, c: i
             layers.append(PrefixLayer(model.config, trunk.prefix[i], _empty_own(model, block, c * b),
                                       room + inputs.input_ids.shape[1]))
     past = cache_from_layers(layers)
-    stacked = ModelInputs(input_ids=tile(inputs.input_ids, c), attention_mask=tile(inputs.attention_mask, c),
-                          position_ids=tile(inputs.position_ids, c), past=past, last_logits_only=True)
+    stacked = tile_inputs(inputs, c, past=past, last_logits_only=True)
     handles = edit_hooks(blocks, adapter, edit, skip)
     try:
         with torch.inference_mode(), split_prefix(model), _skipping(blocks, k, layers, residual):
