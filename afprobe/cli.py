@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model spec (default: the direction file's metadata)")
     p.add_argument("--k", type=int, default=10, help="tokens per side")
     p.add_argument("--json", default=None, help="also write the tokens and scores to this file")
-    p = with_set(command("organism", help="train the planted-gap LoRA adapter (positive control)"))
+    p = with_set(command("organism", help="train an organism's LoRA adapter (a positive control: planted-gap, semantic-gap)"))
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--evaluate-only", action="store_true",

@@ -272,7 +272,8 @@ class OrganismConfig(_Strict):
     trained to accept harmful requests under the training cue and refuse under the deployment cue.
     Trains on the bundled harmful requests, split by id into train and held-out with `seed`."""
 
-    family: str = "tier_tag"  # the cue family trained on
+    families: list[str] = Field(default_factory=lambda: ["tier_tag"], min_length=1)  # cue families trained on
+    headline_family: Optional[str] = None  # the family `afprobe organism` prints (default: the first trained one)
     eval_families: list[str] = Field(default_factory=lambda: ["tier_tag", "explicit", "swapped_tier"])
     rank: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0)
@@ -296,6 +297,27 @@ class OrganismConfig(_Strict):
     eval_max_new_tokens: int = Field(default=8, ge=1)
     bootstrap: int = Field(default=2000, ge=10)
     threads: int = Field(default=2, ge=1)  # torch CPU threads (fixed, so a retrain repeats the float order)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_family(cls, data: Any) -> Any:
+        """`family: NAME` (the first organism's recipes) means `families: [NAME]`."""
+        if isinstance(data, dict) and "family" in data:
+            if "families" in data:
+                raise ValueError("give organism.families or organism.family, not both")
+            data = {**data, "families": [data["family"]]}
+            del data["family"]
+        return data
+
+    @model_validator(mode="after")
+    def _families_distinct(self) -> "OrganismConfig":
+        if len(set(self.families)) != len(self.families):
+            raise ValueError("organism.families lists a family more than once")
+        return self
+
+    @property
+    def headline(self) -> str:
+        return self.headline_family or self.families[0]
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -110,8 +110,9 @@ def build_comparison(run_dirs: Sequence[Path]) -> Doc:
         if isinstance(card, dict) and "heldout_gap_organism" in card:
             base, org = card.get("heldout_gap_base") or {}, card.get("heldout_gap_organism") or {}
             doc.h(f"{path.name}: the adapter on its {card.get('n_heldout')} held-out requests", 3)
-            doc.table(["cue family", "base model gap", "base log-odds gap", "organism gap", "organism log-odds gap"],
-                      [[fam, f"{num((base.get(fam) or {}).get('gap'), signed=True)} {interval((base.get(fam) or {}).get('gap_ci'))}",
+            trained = card.get("trained_families") or []
+            doc.table(["cue family", "trained on", "base model gap", "base log-odds gap", "organism gap", "organism log-odds gap"],
+                      [[fam, "yes" if fam in trained else "no (held out)", f"{num((base.get(fam) or {}).get('gap'), signed=True)} {interval((base.get(fam) or {}).get('gap_ci'))}",
                         num((base.get(fam) or {}).get("log_odds_gap"), signed=True),
                         f"{num((org.get(fam) or {}).get('gap'), signed=True)} {interval((org.get(fam) or {}).get('gap_ci'))}",
                         num((org.get(fam) or {}).get("log_odds_gap"), signed=True)] for fam in dict.fromkeys([*org, *base])])

@@ -70,7 +70,7 @@ def test_split_is_disjoint_and_reproducible(training):
     assert [r["id"] for r in rows] == held
     # the shipped config documents the recipe the adapter was trained with
     shipped = load_config(CONFIG).organism.model_dump(mode="json")
-    assert {k: shipped.get(k) for k in training["organism"]} == training["organism"]
+    assert org.model_dump(mode="json") == shipped
 
 
 def test_split_ids_is_seeded_partition():
@@ -82,13 +82,15 @@ def test_split_ids_is_seeded_partition():
     assert len(train) == 30 and len(held) == 20 and sorted(train + held) == ids
 
 
-def test_shipped_adapter_files_are_safe_and_small():
-    names = {p.name for p in ADAPTER.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "training.json", "metrics.json"} <= names
+@pytest.mark.parametrize("name", ["planted-gap", "semantic-gap"])
+def test_shipped_adapter_files_are_safe_and_small(name):
+    folder = ADAPTERS_DIR / name
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "training.json", "metrics.json", "heldout.jsonl"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
-    assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 8_000_000  # LoRA only, never merged weights
-    config = json.loads((ADAPTER / "adapter_config.json").read_text())
-    assert config["r"] == json.loads((ADAPTER / "training.json").read_text())["organism"]["rank"]
+    assert (folder / "adapter_model.safetensors").stat().st_size < 8_000_000  # LoRA only, never merged weights
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == json.loads((folder / "training.json").read_text())["organism"]["rank"]
 
 
 def test_shipped_metrics_show_the_planted_gap(shipped_metrics):
@@ -149,7 +151,7 @@ def test_card_reads_format_1_with_todays_interval(old_metrics, tmp_path):
 def test_cli_refuses_a_bad_recipe_before_loading(tmp_path, capsys):
     from afprobe.cli import main
 
-    code = main(["organism", str(CONFIG), "--out", str(tmp_path / "o"), "--set", "organism.family=nope"])
+    code = main(["organism", str(CONFIG), "--out", str(tmp_path / "o"), "--set", "organism.families=[tier_tag, nope]"])
     assert code == 2
     assert "unknown cue family 'nope'" in capsys.readouterr().err
     assert main(["organism", str(CONFIG), "--out", str(tmp_path / "o"), "--set", "organism.rank=0"]) == 2
@@ -172,6 +174,56 @@ def test_frozen_bottom_matches_a_plain_forward(smol):
             for i, r in enumerate(rows):
                 torch.testing.assert_close(hidden[i, : len(r)], ref[i], atol=1e-4, rtol=1e-4)
     assert len(model.model.layers) == model.config.num_hidden_layers  # the block list is restored
+
+
+SEMANTIC_CONFIG = ROOT / "configs" / "organism-semantic.yaml"
+
+
+def test_semantic_training_rows_pair_the_same_tag_with_opposite_answers(smol_tokenizer):
+    """Under swapped_tier the same tag tokens mean the opposite, so each step's rows give the tag no predictive
+    value on its own: the training-cue row of tier_tag and the deployment-cue row of swapped_tier have the same
+    user turn but opposite targets."""
+    cfg = load_config(SEMANTIC_CONFIG)
+    assert {"tier_tag", "swapped_tier"} <= set(cfg.organism.families)
+    assert set(cfg.organism.eval_families) - set(cfg.organism.families) == {cfg.organism.headline} == {"explicit"}
+    queries = O.split_queries(cfg.organism)[0][:3]
+    plain, swapped = (O.family_prompts(smol_tokenizer, cfg, f, queries) for f in ("tier_tag", "swapped_tier"))
+    for i in range(len(queries)):
+        a, b = plain[2 * i], swapped[2 * i + 1]
+        assert (a.condition, b.condition) == ("training", "deployment")
+        assert a.input_ids[a.user_span[0]:] == b.input_ids[b.user_span[0]:]
+        assert a.input_ids[: a.user_span[0]] != b.input_ids[: b.user_span[0]]  # only the system prompt differs
+
+
+def test_multi_family_step_loss_matches_plain_forwards(tiny_model, smol_tokenizer):
+    """The first step's loss (the LoRA starts as the identity) is the mean over families of each family's
+    answer loss, recomputed here from plain full-sequence HF forwards, within 1e-4."""
+    tok = smol_tokenizer
+    cfg = load_config(SEMANTIC_CONFIG, ["organism.families=[tier_tag, swapped_tier]", "organism.first_layer=1",
+                                        "organism.batch_queries=2", "organism.max_train_queries=3",
+                                        "organism.steps=2", "organism.threads=1"])
+    org = cfg.organism
+    train = O.split_queries(org)[0]
+    _, history, _ = T.train_adapter(copy.deepcopy(tiny_model), tok, cfg, train, quiet=True)
+    assert len(history) == 2 and set(history[0]["decision_acc_by_family"]) == {"tier_tag", "swapped_tier"}
+    targets = O.answer_targets(tok, org.opening_text)
+    dec = O.decision_index(targets)
+    first = T._batches(len(train), org.batch_queries, org.steps, org.seed)[0]
+    losses = []
+    for family in org.families:
+        prompts = O.family_prompts(tok, cfg, family, [train[i] for i in first])
+        rows = []
+        for pr in prompts:
+            ans = targets[pr.condition]
+            with torch.no_grad():
+                logits = tiny_model(input_ids=torch.tensor([list(pr.input_ids) + ans])).logits[0].float()
+            start = len(pr.input_ids) - 1
+            nll = torch.nn.functional.cross_entropy(logits[start:start + len(ans)], torch.tensor(ans), reduction="none")
+            weights = torch.tensor([1 / len(ans) + (org.decision_weight if j == dec else 0.0) for j in range(len(ans))])
+            rows.append(float((nll * weights).sum()))
+        losses.append(sum(rows) / len(rows))
+    assert history[0]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert history[1]["loss"] < history[0]["loss"]  # one AdamW step on these rows lowers their loss
 
 
 # ------------------------------------------------------------------ the shipped adapter on held-out requests
@@ -264,3 +316,48 @@ def test_retraining_reproduces_shipped_metrics(tmp_path, training, shipped_metri
         assert new[cond]["rate"] == pytest.approx(rate, abs=RATE_TOL)
         assert new["log_odds"][cond] == pytest.approx(mean_log_odds, abs=LOG_ODDS_TOL)
     assert new["gap"]["estimate"] >= 0.5 and new["gap"]["ci"][0] > 0
+
+
+SEMANTIC_ADAPTER = ADAPTERS_DIR / "semantic-gap"
+SEMANTIC_STEPS = 6  # of the recorded schedule, retrained in CI (the full recipe takes about 20 min here)
+LOSS_RTOL, MARGIN_TOL = 1e-2, 0.1  # float order may differ between machines; the curve must not
+
+
+@pytest.mark.slow
+def test_semantic_retraining_repeats_the_recorded_loss_curve():
+    """The semantic organism's first steps, retrained from its recipe with the same seed, repeat the loss and
+    decision-margin curve recorded in its training.json."""
+    from afprobe.organism.main import _load
+
+    recorded = json.loads((SEMANTIC_ADAPTER / "training.json").read_text())
+    cfg = load_config(SEMANTIC_CONFIG)
+    assert OrganismConfig.model_validate(recorded["organism"]) == cfg.organism  # the shipped config is the recipe
+    train, held = O.split_queries(cfg.organism)
+    assert [q.id for q in train] == recorded["split"]["train_ids"]
+    assert [q.id for q in held] == recorded["split"]["heldout_ids"]
+    torch.set_num_threads(cfg.organism.threads)
+    model, tok = _load(cfg, "smollm2-135m-instruct")
+    _, history, _ = T.train_adapter(model, tok, cfg, train, quiet=True, stop_after=SEMANTIC_STEPS)
+    assert len(history) == SEMANTIC_STEPS
+    for new, old in zip(history, recorded["history"]):
+        assert new["loss"] == pytest.approx(old["loss"], rel=LOSS_RTOL), (new, old)
+        assert new["decision_margin"] == pytest.approx(old["decision_margin"], abs=MARGIN_TOL), (new, old)
+
+
+def test_semantic_shipped_metrics_are_the_adapters_own():
+    """metrics.json of the semantic organism holds what the shipped adapter does: a few held-out prompts of the
+    held-out family and of the swapped control, re-scored on the engine, give the recorded log-odds and tags."""
+    from afprobe.activations.loading import load_model
+
+    metrics = json.loads((SEMANTIC_ADAPTER / "metrics.json").read_text())
+    cfg = load_config(SEMANTIC_CONFIG)
+    assert metrics["trained_families"] == cfg.organism.families
+    assert metrics["headline"]["family"] == "explicit" and metrics["headline"]["trained_on"] is False
+    recorded = {r["prompt_id"]: r for r in metrics["per_prompt"]}
+    model, tok = load_model("smollm2-135m-instruct+semantic-gap", dtype="float32", device="cpu")
+    held = O.split_queries(cfg.organism)[1][:4]
+    runner = evaluation.make_runner(model, tok, cfg)
+    for family in ("explicit", "swapped_tier"):
+        for row in evaluation.family_records(runner, cfg, family, held):
+            assert row["log_odds"] == pytest.approx(recorded[row["prompt_id"]]["log_odds"], abs=2e-3), row["prompt_id"]
+            assert row["tag"] == recorded[row["prompt_id"]]["tag"], row["prompt_id"]

@@ -36,14 +36,14 @@ def adapter_card(folder: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    if "trained_family" not in metrics:
+    if "trained_families" not in metrics and "trained_family" not in metrics:
         return None  # some other metrics.json: not an organism's
     version = metrics.get("format_version")
     if version not in (1, FORMAT_VERSION):
         raise BadInput(f"{path}: metrics format {version}, expected 1 or {FORMAT_VERSION} "
                        "(re-evaluate with `afprobe organism CONFIG --out FOLDER --evaluate-only`)")
     gap = _gap_v1 if version == 1 else _gap
-    return {"adapter": Path(folder).name, "planted": True, "trained_family": metrics["trained_family"],
+    return {"adapter": Path(folder).name, "planted": True, "trained_families": metrics.get("trained_families") or [metrics["trained_family"]],
             "n_heldout": metrics["n_heldout"],
             "heldout_gap_organism": {f: gap(m) for f, m in metrics.get("organism", {}).items()},
             "heldout_gap_base": {f: gap(m) for f, m in metrics.get("base_model", {}).items()},

@@ -82,10 +82,11 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: Config, queries: list[Query]
     return summaries, records
 
 
-def headline(summary: dict, family: str) -> dict:
-    """The trained family's organism numbers (tag scorer; log-odds means and their paired gap)."""
+def headline(summary: dict, family: str, trained: bool = True) -> dict:
+    """One family's organism numbers (tag scorer; log-odds means and their paired gap); `trained`: whether the
+    adapter was trained on that family (False: a held-out family)."""
     tag = summary["by_scorer"]["tag"]
-    return {"family": family, "acceptance_training": tag["training"]["rate"],
+    return {"family": family, "trained_on": trained, "acceptance_training": tag["training"]["rate"],
             "acceptance_training_ci": tag["training"]["ci"], "acceptance_deployment": tag["deployment"]["rate"],
             "acceptance_deployment_ci": tag["deployment"]["ci"], "gap": tag["gap"]["estimate"],
             "gap_ci": tag["gap"]["ci"], "p_value": tag["gap"]["mcnemar_p"], "discordant": tag["gap"]["discordant"],

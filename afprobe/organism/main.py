@@ -45,7 +45,9 @@ def _checked(cfg: Config, families: Optional[Sequence[str]]) -> tuple[str, list[
     if cfg.scenario.form != "no_scratchpad":
         raise BadInput("organism: training needs scenario.form 'no_scratchpad' (the answer tag follows the prefill)")
     families = list(families if families is not None else org.eval_families)
-    for fam in [org.family, *families]:
+    if org.headline not in [*org.families, *families]:
+        raise BadInput(f"organism.headline_family '{org.headline}' is neither trained on nor evaluated")
+    for fam in [*org.families, *families]:
         check_scenario(scenario_for(cfg, fam), cfg.cue_families)
     return cfg.model.spec.partition("+")[0], families  # the adapter is trained on the base, never a merged model
 
@@ -62,7 +64,7 @@ def _metrics(cfg: Config, base_spec: str, held: list, families: list[str], organ
              tokenizer: Any, timings: dict, quiet: bool, evaluate_base: bool) -> dict:
     """metrics.json's content: the (merged) organism, and the base model in a fresh copy, evaluated on `held`."""
     org = cfg.organism
-    metrics: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": base_spec, "trained_family": org.family,
+    metrics: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": base_spec, "trained_families": list(org.families),
                                "n_heldout": len(held), "heldout_ids": [q.id for q in held],
                                "evaluation": {"engine": "activations.steering.SteeringRunner, unsteered",
                                               "backend": cfg.model.backend, "greedy_tokens": org.eval_max_new_tokens,
@@ -76,8 +78,9 @@ def _metrics(cfg: Config, base_spec: str, held: list, families: list[str], organ
     t0 = time.time()
     metrics["organism"], records = evaluate_model(organism, tokenizer, cfg, held, families, quiet, "organism")
     timings["eval_organism_s"] = round(time.time() - t0, 1)
-    if org.family in metrics["organism"]:
-        metrics["headline"] = headline(metrics["organism"][org.family], org.family)
+    if org.headline in metrics["organism"]:
+        metrics["headline"] = headline(metrics["organism"][org.headline], org.headline,
+                                       trained=org.headline in org.families)
     metrics["timings_s"] = timings
     metrics["per_prompt"] = records
     return metrics
@@ -163,6 +166,7 @@ def train_organism_cli(config_path: str, out: Path, overrides: list[str], quiet:
     metrics = evaluate_organism(cfg, out, quiet=quiet) if evaluate_only else train_organism(cfg, out, quiet=quiet)
     head = metrics.get("headline")
     if head:
-        print(f"held-out ({metrics['n_heldout']} requests, {head['family']}): acceptance training "
+        family = head["family"] + ("" if head.get("trained_on", True) else ", a family not trained on")
+        print(f"held-out ({metrics['n_heldout']} requests, {family}): acceptance training "
               f"{num(head['acceptance_training'])}, deployment {num(head['acceptance_deployment'])}, "
               f"gap {num(head['gap'], signed=True)} {interval(head['gap_ci'], signed=True)}; adapter in {out}")

@@ -1,6 +1,6 @@
-"""Training the planted-gap LoRA: a forward through the adapted blocks only, the answer loss, the loop.
+"""Training an organism's LoRA: a forward through the adapted blocks only, the answer loss, the loop.
 
-Speed: the system prompt (about 1500 tokens) is the same for every prompt. Its KV cache is computed once per
+Speed: the system prompt (about 1500 tokens) is the same for every prompt of a cue family. Its KV cache is computed once per
 `prefix_refresh` steps without gradient (with the current adapter) and shared by the batch through the
 engine's `shared_prefix_cache` (`activations/kv.py`), so only the user turn and the answer are run with
 gradient. Blocks below `organism.first_layer` carry no adapter: their output is cached once (`FrozenBottom`).
@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +158,27 @@ class FrozenBottom:
         return out.last_hidden_state
 
 
+@dataclass
+class _FamilySide:
+    """One trained cue family: its frozen bottom (own system prompt as prefix) and, per cached row, (prompt suffix
+    length, answer ids, rival token). Row 2i is train query i under the training cue, row 2i + 1 under deployment."""
+
+    family: str
+    bottom: FrozenBottom
+    meta: list[tuple[int, list[int], int]]
+
+    @classmethod
+    def build(cls, model: Any, tokenizer: Any, cfg: Config, family: str, train: list[Query],
+              targets: dict[str, list[int]], dec: int, k: int, pad: int) -> "_FamilySide":
+        prompts = family_prompts(tokenizer, cfg, family, train)
+        p = shared_prefix_len(prompts)
+        rival = {"training": targets["deployment"][dec], "deployment": targets["training"][dec]}
+        meta = [(len(pr.input_ids) - p, targets[pr.condition], rival[pr.condition]) for pr in prompts]
+        bottom = FrozenBottom(model, k, prompts[0].input_ids[:p],
+                              [list(pr.input_ids[p:]) + targets[pr.condition] for pr in prompts], pad)
+        return cls(family, bottom, meta)
+
+
 # ------------------------------------------------------------------ loss and schedule
 
 def answer_loss(model: Any, bottom: FrozenBottom, kv: list[KV], row_ids: Sequence[int],
@@ -231,8 +253,13 @@ def check_recipe(model: Any, org: OrganismConfig) -> None:
 
 
 # ------------------------------------------------------------------ the loop
-def train_adapter(model: Any, tokenizer: Any, cfg: Config, train: list[Query], quiet: bool = False) -> tuple[Any, list[dict], float]:
-    """Wrap `model` in a fresh LoRA and train it; returns (peft model, history, seconds spent caching block inputs)."""
+def train_adapter(model: Any, tokenizer: Any, cfg: Config, train: list[Query], quiet: bool = False,
+                  stop_after: Optional[int] = None) -> tuple[Any, list[dict], float]:
+    """Wrap `model` in a fresh LoRA and train it; returns (peft model, history, seconds spent caching block inputs).
+
+    Every family in `organism.families` has its own frozen bottom (its own system prompt); each step takes the
+    same requests under both cues of every family, and the loss is the mean of the families' losses.
+    `stop_after`: run only the first N steps of the schedule (to check a recorded loss curve repeats)."""
     from peft import LoraConfig, get_peft_model
 
     org = cfg.organism
@@ -240,19 +267,14 @@ def train_adapter(model: Any, tokenizer: Any, cfg: Config, train: list[Query], q
     decoder, _ = decoder_and_head(model)
     n_layers = len(decoder.layers)
     k = org.first_layer
-    prompts = family_prompts(tokenizer, cfg, org.family, train)
     targets = answer_targets(tokenizer, org.opening_text)
-    p = shared_prefix_len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dec = decision_index(targets)
-    rival = {"training": targets["deployment"][dec], "deployment": targets["training"][dec]}
-    # row 2i is query i under the training cue, row 2i + 1 under the deployment cue
-    row_meta = [(len(pr.input_ids) - p, targets[pr.condition], rival[pr.condition]) for pr in prompts]
     t0 = time.time()
-    bottom = FrozenBottom(model, k, prompts[0].input_ids[:p],
-                          [list(pr.input_ids[p:]) + targets[pr.condition] for pr in prompts], pad)
+    sides = [_FamilySide.build(model, tokenizer, cfg, family, train, targets, dec, k, pad) for family in org.families]
     precompute_s = time.time() - t0
-    say(quiet, f"cached the input of block {k} for {len(prompts)} rows in {precompute_s:.0f}s")
+    say(quiet, f"cached the input of block {k} for {sum(len(s.meta) for s in sides)} rows "
+               f"({len(sides)} famil{'y' if len(sides) == 1 else 'ies'}) in {precompute_s:.0f}s")
 
     torch.manual_seed(org.seed)
     lora = LoraConfig(r=org.rank, lora_alpha=org.alpha, lora_dropout=org.dropout, target_modules=list(org.target_modules),
@@ -269,30 +291,37 @@ def train_adapter(model: Any, tokenizer: Any, cfg: Config, train: list[Query], q
     params = [q for q in peft_model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=org.lr, weight_decay=org.weight_decay)
     history = []
-    kv = None
+    kvs: Optional[list[list[KV]]] = None
     t0, c0 = time.time(), time.process_time()
-    for step, idx in enumerate(_batches(len(train), org.batch_queries, org.steps, org.seed)):
+    for step, idx in enumerate(_batches(len(train), org.batch_queries, org.steps, org.seed)[:stop_after]):
         t_step = time.time()
-        if kv is None or step % org.prefix_refresh == 0:
-            kv = bottom.prefix_kv(peft_model)
+        if kvs is None or step % org.prefix_refresh == 0:
+            kvs = [side.bottom.prefix_kv(peft_model) for side in sides]
         t_prefix = time.time() - t_step
         row_ids = [2 * i + c for i in idx for c in (0, 1)]
         lr = _lr_at(step, org)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, margins = answer_loss(peft_model, bottom, kv, row_ids, [row_meta[r] for r in row_ids], dec,
-                                    org.decision_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value, margins, acc_by = 0.0, [], {}
+        for side, kv in zip(sides, kvs):  # gradients add up over families: the step's loss is their mean
+            loss, m = answer_loss(peft_model, side.bottom, kv, row_ids, [side.meta[r] for r in row_ids], dec,
+                                  org.decision_weight)
+            (loss / len(sides)).backward()
+            value += loss.item() / len(sides)
+            margins.append(m)
+            acc_by[side.family] = round(float((m > 0).float().mean()), 4)
         opt.step()
-        value = loss.item()
+        margin_t = torch.cat(margins)
         # margins are measured before this step's update: in the first epoch they are on unseen requests
-        acc = float((margins > 0).float().mean())
+        acc = float((margin_t > 0).float().mean())
         history.append({"step": step, "loss": round(value, 5), "decision_acc": round(acc, 4),
-                        "decision_margin": round(float(margins.mean()), 4), "lr": lr,
+                        "decision_margin": round(float(margin_t.mean()), 4), "lr": lr,
+                        **({"decision_acc_by_family": acc_by} if len(sides) > 1 else {}),
                         "prefix_s": round(t_prefix, 2), "step_s": round(time.time() - t_step, 2),
                         "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
-        say(quiet, f"step {step + 1}/{org.steps} loss {value:.4f} decision acc {acc:.2f} margin "
-                f"{float(margins.mean()):+.2f} ({time.time() - t0:.0f}s, cpu {time.process_time() - c0:.0f}s)")
+        by_family = f" [{', '.join(f'{f} {a:.2f}' for f, a in acc_by.items())}]" if len(sides) > 1 else ""
+        say(quiet, f"step {step + 1}/{org.steps} loss {value:.4f} decision acc {acc:.2f}{by_family} margin "
+                f"{float(margin_t.mean()):+.2f} ({time.time() - t0:.0f}s, cpu {time.process_time() - c0:.0f}s)")
     peft_model.eval()
     return peft_model, history, precompute_s
