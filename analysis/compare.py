@@ -97,6 +97,12 @@ def _steering_figures(doc: Doc, path: Path, data: RunData, label: str) -> None:
                     plots.steering_curves(gap, rates, f"({path.name}, {mode})"))
 
 
+def _gap_cells(side: dict, family: str) -> list[str]:
+    """A card's held-out gap with its interval, and its log-odds gap, for one cue family."""
+    g = side.get(family) or {}
+    return [f"{num(g.get('gap'), signed=True)} {interval(g.get('gap_ci'))}", num(g.get("log_odds_gap"), signed=True)]
+
+
 def build_comparison(run_dirs: Sequence[Path]) -> Doc:
     runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
     labels = [_run_label(p, d.summary or Summary()) for p, d in runs]
@@ -110,12 +116,11 @@ def build_comparison(run_dirs: Sequence[Path]) -> Doc:
         if isinstance(card, dict) and "heldout_gap_organism" in card:
             base, org = card.get("heldout_gap_base") or {}, card.get("heldout_gap_organism") or {}
             doc.h(f"{path.name}: the adapter on its {card.get('n_heldout')} held-out requests", 3)
-            trained = card.get("trained_families") or []
-            doc.table(["cue family", "trained on", "base model gap", "base log-odds gap", "organism gap", "organism log-odds gap"],
-                      [[fam, "yes" if fam in trained else "no (held out)", f"{num((base.get(fam) or {}).get('gap'), signed=True)} {interval((base.get(fam) or {}).get('gap_ci'))}",
-                        num((base.get(fam) or {}).get("log_odds_gap"), signed=True),
-                        f"{num((org.get(fam) or {}).get('gap'), signed=True)} {interval((org.get(fam) or {}).get('gap_ci'))}",
-                        num((org.get(fam) or {}).get("log_odds_gap"), signed=True)] for fam in dict.fromkeys([*org, *base])])
+            trained = card.get("trained_families") or [card.get("trained_family")]  # older cards: one family
+            doc.table(["cue family", "trained on", "base model gap", "base log-odds gap", "organism gap",
+                       "organism log-odds gap"],
+                      [[fam, "yes" if fam in trained else "no (held out)", *_gap_cells(base, fam), *_gap_cells(org, fam)]
+                       for fam in dict.fromkeys([*org, *base])])
     for (path, data), label in zip(runs, labels):
         _steering_figures(doc, path, data, label)
     return doc

@@ -86,7 +86,8 @@ def test_split_ids_is_seeded_partition():
 def test_shipped_adapter_files_are_safe_and_small(name):
     folder = ADAPTERS_DIR / name
     names = {p.name for p in folder.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "training.json", "metrics.json", "heldout.jsonl"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "training.json", "metrics.json",
+            "heldout.jsonl"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     assert (folder / "adapter_model.safetensors").stat().st_size < 8_000_000  # LoRA only, never merged weights
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -353,6 +354,8 @@ def test_semantic_shipped_metrics_are_the_adapters_own():
     cfg = load_config(SEMANTIC_CONFIG)
     assert metrics["trained_families"] == cfg.organism.families
     assert metrics["headline"]["family"] == "explicit" and metrics["headline"]["trained_on"] is False
+    assert card.adapter_card(SEMANTIC_ADAPTER)["trained_families"] == cfg.organism.families  # what compare prints
+    assert card.adapter_card(ADAPTER)["trained_families"] == ["tier_tag"]
     recorded = {r["prompt_id"]: r for r in metrics["per_prompt"]}
     model, tok = load_model("smollm2-135m-instruct+semantic-gap", dtype="float32", device="cpu")
     held = O.split_queries(cfg.organism)[1][:4]

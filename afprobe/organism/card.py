@@ -43,7 +43,8 @@ def adapter_card(folder: Path) -> Optional[dict]:
         raise BadInput(f"{path}: metrics format {version}, expected 1 or {FORMAT_VERSION} "
                        "(re-evaluate with `afprobe organism CONFIG --out FOLDER --evaluate-only`)")
     gap = _gap_v1 if version == 1 else _gap
-    return {"adapter": Path(folder).name, "planted": True, "trained_families": metrics.get("trained_families") or [metrics["trained_family"]],
+    trained = metrics.get("trained_families") or [metrics["trained_family"]]  # format 1: one family
+    return {"adapter": Path(folder).name, "planted": True, "trained_families": trained,
             "n_heldout": metrics["n_heldout"],
             "heldout_gap_organism": {f: gap(m) for f, m in metrics.get("organism", {}).items()},
             "heldout_gap_base": {f: gap(m) for f, m in metrics.get("base_model", {}).items()},

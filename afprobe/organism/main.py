@@ -64,8 +64,9 @@ def _metrics(cfg: Config, base_spec: str, held: list, families: list[str], organ
              tokenizer: Any, timings: dict, quiet: bool, evaluate_base: bool) -> dict:
     """metrics.json's content: the (merged) organism, and the base model in a fresh copy, evaluated on `held`."""
     org = cfg.organism
-    metrics: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": base_spec, "trained_families": list(org.families),
-                               "n_heldout": len(held), "heldout_ids": [q.id for q in held],
+    metrics: dict[str, Any] = {"format_version": FORMAT_VERSION, "base": base_spec,
+                               "trained_families": list(org.families), "n_heldout": len(held),
+                               "heldout_ids": [q.id for q in held],
                                "evaluation": {"engine": "activations.steering.SteeringRunner, unsteered",
                                               "backend": cfg.model.backend, "greedy_tokens": org.eval_max_new_tokens,
                                               "scorers": "analysis.steering_table.compliance_summary"}}

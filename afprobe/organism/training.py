@@ -1,8 +1,8 @@
 """Training an organism's LoRA: a forward through the adapted blocks only, the answer loss, the loop.
 
-Speed: the system prompt (about 1500 tokens) is the same for every prompt of a cue family. Its KV cache is computed once per
-`prefix_refresh` steps without gradient (with the current adapter) and shared by the batch through the
-engine's `shared_prefix_cache` (`activations/kv.py`), so only the user turn and the answer are run with
+Speed: the system prompt (about 1500 tokens) is the same for every prompt of a cue family. Its KV cache is
+computed once per `prefix_refresh` steps without gradient (with the current adapter) and shared by the batch
+through the engine's `shared_prefix_cache` (`activations/kv.py`), so only the user turn and the answer are run with
 gradient. Blocks below `organism.first_layer` carry no adapter: their output is cached once (`FrozenBottom`).
 Logits are computed at answer positions only.
 """
