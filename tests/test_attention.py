@@ -26,11 +26,12 @@ def _reference(q, pk, pv, k, v, mask):
 
 
 @pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("earlier", [2, 0])  # own tokens before the queries; 0: padded queries see no own token
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_split_prefix_attention_equals_sdpa(t: int, shared: bool, with_mask: bool) -> None:
+def test_split_prefix_attention_equals_sdpa(t: int, earlier: int, shared: bool, with_mask: bool) -> None:
     gen = torch.Generator().manual_seed(t)
-    b, kvh, g, P, own, d = 3, 2, 3, 11, t + 2, 8
+    b, kvh, g, P, own, d = 3, 2, 3, 11, t + earlier, 8
     q = torch.randn(b, kvh * g, t, d, generator=gen)
     pk, pv = (torch.randn(1 if shared else b, kvh, P, d, generator=gen) for _ in range(2))
     k, v = (torch.randn(b, kvh, own, d, generator=gen) for _ in range(2))
@@ -45,7 +46,13 @@ def test_split_prefix_attention_equals_sdpa(t: int, shared: bool, with_mask: boo
     got, _ = split_prefix_attention(_Module(), q, key, v, mask, scaling=d ** -0.5)
     ref = _reference(q, pk, pv, k, v, ref_mask)
     assert got.shape == (b, t, kvh * g, d)
+    assert torch.isfinite(got).all()
     assert (got - ref).abs().max().item() < TOL
+    if with_mask:  # the own-token mask is built once per mask object: another mask must not get the cached one
+        other = mask.clone()
+        other[..., P:] = causal
+        got, _ = split_prefix_attention(_Module(), q, key, v, other, scaling=d ** -0.5)
+        assert (got - _reference(q, pk, pv, k, v, other)).abs().max().item() < TOL
 
 
 def test_prefix_layer_splits_only_inside_the_context() -> None:
