@@ -22,7 +22,9 @@ processes on a shared machine hits both alike:
   `SteeringRunner.score_grid` (log-odds + greedy completions) with the shared trunk vs without (each condition its
   own `score`), same prompts and batches, the two interleaved batch by batch in alternating order.
 - prefix_limit_fraction: prefix_speedup x computed_token_fraction, i.e. how close prefix reuse comes to its
-  token-count limit (1 / computed_token_fraction: the speedup if every computed token cost the same).
+  token-count limit (1 / computed_token_fraction: the speedup if every computed token cost the same). Details
+  also give the flop-count limit (`flop_limit`: a suffix token attends to the whole prefix, which the token count
+  leaves out) and the fraction of it reached.
 - probe_max_auroc_diff: largest |held-out AUROC difference| between the two over every AUROC cell of the sweep's
   rows (main, shuffled, random, swapped family, generalisation matrix) on the keys the loop ran on.
 """
@@ -258,6 +260,40 @@ def _cache_round(backend: Any, hf_model: Any, prompts: Sequence[Any], subset: Se
     bar.close()
     max_diff = max(float((plain.out[k] - reused.out[k]).abs().max()) for k in plain.out)
     return dict(times, stats=stats, subset_reuse_stats=sub_stats, full_reuse_stats=full_stats, max_diff=max_diff)
+
+
+def flop_limit(backend: Any, prompts: Sequence[Any], cache_cfg: Any) -> dict[str, Any]:
+    """Prefix reuse's speedup limit counting floating-point operations instead of tokens: no-reuse flops / reuse
+    flops for the cache stage's work on `prompts` (real tokens only, padding not counted; dense causal attention).
+
+    Per token and block: 2 x the block's parameters (the linear maps) + 4 x heads x head_dim x the keys it attends
+    to (scores and weighted values). Without reuse token j of a prompt attends to j keys; with reuse the prefix runs
+    once per group and each suffix token attends to the whole prefix plus its own earlier tokens, so attention to
+    the prefix is work the token-count limit leaves out."""
+    from afprobe.activations.cache import earliest_needed, resolve_layers
+    from afprobe.activations.batching import plan_prefix
+
+    config = backend.model.config
+    blocks = backend.adapter.blocks(backend.model)
+    n_run = max(resolve_layers(cache_cfg.layers, backend.n_layers)) + 1  # the caching path stops there
+    linear = 2 * sum(sum(p.numel() for p in blocks[i].parameters()) for i in range(n_run))
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_key = 4 * heads * head_dim * n_run
+
+    def causal(n: int, before: int = 0) -> float:  # n tokens after `before` keys: linear + sum of contexts
+        return n * linear + per_key * (n * before + n * (n + 1) / 2)
+
+    groups: dict[Any, list[Any]] = {}
+    for p in prompts:
+        groups.setdefault(p.system_key, []).append(p)
+    plain = sum(causal(len(p.input_ids)) for p in prompts)
+    reuse = 0.0
+    for members in groups.values():
+        prefix = plan_prefix([m.input_ids for m in members], [earliest_needed(m, cache_cfg.positions) for m in members])
+        reuse += causal(prefix) + sum(causal(len(m.input_ids) - prefix, prefix) for m in members)
+    return {"flop_limit": plain / reuse, "no_reuse_gflop": plain / 1e9, "reuse_gflop": reuse / 1e9,
+            "linear_flops_per_token": linear, "attention_flops_per_key": per_key}
 
 
 def bench_cache(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config, repeats: int,
@@ -777,6 +813,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"(prompt tokens/s); steered {d['steer_vs_generate']['steered_tokens_per_s']:.0f} vs generate "
         f"{d['steer_vs_generate']['plain_tokens_per_s']:.0f} tok/s"
     )
+    pl = d["prefix_limit_fraction"]
+    lines.append(
+        f"prefix reuse limits: {pl['token_count_limit']:.2f}x counting tokens, {pl['flop_count']['flop_limit']:.2f}x "
+        f"counting flops (attention to the prefix included); prefix_speedup reaches "
+        f"{pl['flop_count']['fraction_reached']:.2f} of the second"
+    )
     ps = d["probe_sweep_speedup"]
     lines.append(
         f"probe sweep: {ps['sweep_s']:.1f} s for {ps['n_keys']} keys x {len(ps['shape']['methods'])} methods "
@@ -874,15 +916,25 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
 
     results: dict[str, Any] = {**cache, **steer, **trunk, **rss, **probe}
     results["prefix_limit_fraction"] = results["prefix_speedup"] * results["computed_token_fraction"]
+    flops = flop_limit(backend, cache_prompts, cfg.cache)
     details["prefix_limit_fraction"] = {
         "value": results["prefix_limit_fraction"], "prefix_speedup": results["prefix_speedup"],
         "computed_token_fraction": results["computed_token_fraction"],
-        "token_count_limit": 1 / results["computed_token_fraction"]}
+        "token_count_limit": 1 / results["computed_token_fraction"],
+        "flop_count": {**flops, "fraction_reached": results["prefix_speedup"] / flops["flop_limit"]}}
+    notes.append(
+        f"prefix_limit_fraction: the token-count limit {1 / results['computed_token_fraction']:.2f}x counts every "
+        f"computed token alike, but with reuse each suffix token attends to the whole shared prefix; counting "
+        f"flops (linear maps + dense attention, padding excluded) the limit is {flops['flop_limit']:.2f}x and "
+        f"prefix_speedup reaches {results['prefix_speedup'] / flops['flop_limit']:.2f} of it "
+        "(details.prefix_limit_fraction.flop_count)")
     td = details["trunk_speedup"]
+    bt = td["prompt_pass_block_tokens"]
     notes.append(f"trunk_speedup: {td['n_conditions']} conditions at layer {td['layer']} of {td['n_layers']} "
                  f"(the trunk covers blocks 0..{td['trunk_blocks'] - 1}); the prompt pass from block "
                  f"{td['trunk_blocks']} on, the answer-tag continuations and decoding stay per condition, so the "
-                 "ratio is bounded by the share of work below the steered layer; shared and unshared outputs "
+                 "ratio is bounded by the share of work below the steered layer (block x token products of the "
+                 f"prompt passes, unshared / shared: {bt['unshared'] / bt['shared']:.2f}); shared and unshared outputs "
                  f"agree (max log-odds diff {td['max_logodds_diff']:.1e}, same text {td['same_text_fraction']:.2f})")
     results = {k: float(results[k]) for k in FIGURES}
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -55,6 +55,14 @@ def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     assert {k: v["n"] for k, v in pm["per_kind"].items()} == {"main": 6, "shuffled": 6, "random": 6, "control": 6,
                                                               "family": 54}
     assert 0 < ps["main_only"]["sklearn_loop_s_measured"] < ps["sklearn_loop_s_measured"]
+    pl = d["prefix_limit_fraction"]  # counting attention to the prefix, the limit is below the token-count one
+    fc = pl["flop_count"]
+    assert 1 < fc["flop_limit"] < pl["token_count_limit"] and fc["reuse_gflop"] < fc["no_reuse_gflop"]
+    assert fc["fraction_reached"] == pytest.approx(data["prefix_speedup"] / fc["flop_limit"])
+    from afprobe.activations.loading import tiny_llama
+
+    cached_blocks = tiny_llama(seed=0).model.layers[:2]  # cache.layers=[0,1]: the caching path stops after block 1
+    assert fc["linear_flops_per_token"] == 2 * sum(p.numel() for p in cached_blocks.parameters())
     tr = d["trunk_speedup"]  # same outputs with and without the shared trunk
     assert tr["n_conditions"] == 7 and tr["max_logodds_diff"] < 1e-5 and tr["same_text_fraction"] == 1.0
     assert tr["prompt_pass_block_tokens"]["shared"] < tr["prompt_pass_block_tokens"]["unshared"]
