@@ -155,7 +155,7 @@ def _own_terms(attention_mask: Optional[torch.Tensor], t: int, own: int, g: int,
         version = None if attention_mask is None else attention_mask._version
     except RuntimeError:  # inference tensors keep no version counter
         version = None
-    key = (id(attention_mask), version, t, own, g, dtype, device)
+    key = (id(attention_mask), version, t, own, g, dtype, device, torch.is_inference_mode_enabled())
     if _own_cache and _own_cache[0] == key:
         return _own_cache[2]
     seen = _own_mask(attention_mask, t, own, device)  # [b|1, 1, t, own]
@@ -182,8 +182,10 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
     row's own tokens separately, and the two softmaxes are merged by their log-sum-exp: the prefix part's
     weight is sigmoid(lse_prefix - lse_own). Equal to sdpa within float error (tests/test_attention.py)."""
     prefix = getattr(key, PREFIX_ATTR, None)
-    if prefix is None or query.device.type != "cpu" or dropout:
-        if prefix is not None:  # not on CPU: join and let sdpa do it
+    # the CPU flash op's backward ignores the log-sum-exp the merge uses: with gradients, join and use sdpa
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    if prefix is None or query.device.type != "cpu" or dropout or grad:
+        if prefix is not None:  # not on CPU, or with gradients: join and let sdpa do it
             b = key.shape[0]
             key = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=-2)
             value = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=-2)
@@ -207,7 +209,7 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
     # own tokens: causal and padding mask, the same for every head of a group (and every block)
     additive, unseen = _own_terms(attention_mask, t, own, g, query.dtype, query.device)
     o2, l2 = _flash_cpu(q, key, value, additive, scaling)
-    w1 = torch.sigmoid(l1 - l2).masked_fill_(unseen.expand_as(l2), 1.0)  # the prefix part's share
+    w1 = torch.sigmoid(l1 - l2).masked_fill(unseen.expand_as(l2), 1.0)  # the prefix part's share
     if o1.dtype == torch.float32:
         out = torch.lerp(o2, o1, w1[..., None])
     else:  # bf16/fp16: merge in float32, as the softmax weights are

@@ -74,3 +74,23 @@ def test_prefix_layer_splits_only_inside_the_context() -> None:
     assert layer.get_seq_length() == 8
     continued = layer.derived(drop_last=1, repeat=2, room=3)
     assert continued.get_seq_length() == 7 and continued.own[0].shape == (6, 2, 3, 8)
+
+
+def test_split_prefix_attention_gradients_equal_sdpa() -> None:
+    """Training (the organism) backpropagates through the merge: same gradients as sdpa over the joined keys."""
+    gen = torch.Generator().manual_seed(0)
+    b, kvh, g, P, t, d = 2, 2, 3, 7, 4, 8
+    q = torch.randn(b, kvh * g, t, d, generator=gen, requires_grad=True)
+    pk, pv = (torch.randn(1, kvh, P, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, kvh, t, d, generator=gen, requires_grad=True) for _ in range(2))
+    keep = torch.arange(t)[None, :] >= torch.arange(b)[:, None]  # row 1 has one pad token
+    causal = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+    mask = torch.cat([torch.ones(b, 1, t, P, dtype=torch.bool), (causal[None] & keep[:, None])[:, None]], -1)
+    weights = torch.randn(b, t, kvh * g, d, generator=gen)
+    key = k * 1.0
+    setattr(key, PREFIX_ATTR, (pk, pv))
+    got = torch.autograd.grad((split_prefix_attention(_Module(), q, key, v, mask, scaling=d ** -0.5)[0]
+                               * weights).sum(), (q, k, v))
+    ref = torch.autograd.grad((_reference(q, pk, pv, k, v, mask) * weights).sum(), (q, k, v))
+    for a, r in zip(got, ref):
+        assert (a - r).abs().max().item() < TOL
