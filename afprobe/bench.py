@@ -18,7 +18,8 @@ processes on a shared machine hits both alike:
   same folds, both single-threaded; the sweep also does the bootstrap and the final refits, the loop does not.
   The loop runs on `bench.sweep_ref_keys` keys and its time is scaled to all keys; details also give the ratio
   for the loop's main-family, true-label fits alone.
-- trunk_speedup: a 5-alpha + 2-control steering grid at one layer (n_layers // 2, resid_post) through
+- trunk_speedup: a 5-alpha + 2-control steering grid at one layer (resid_post of `bench.trunk_layer`, by
+  default n_layers // 2: the speedup grows with the layer, as more of the prompt pass lies below it) through
   `SteeringRunner.score_grid` (log-odds + greedy completions) with the shared trunk vs without (each condition its
   own `score`), same prompts and batches, the two interleaved batch by batch in alternating order.
 - prefix_limit_fraction: prefix_speedup x computed_token_fraction, i.e. how close prefix reuse comes to its
@@ -270,8 +271,8 @@ def flop_limit(backend: Any, prompts: Sequence[Any], cache_cfg: Any) -> dict[str
     to (scores and weighted values). Without reuse token j of a prompt attends to j keys; with reuse the prefix runs
     once per group and each suffix token attends to the whole prefix plus its own earlier tokens, so attention to
     the prefix is work the token-count limit leaves out."""
-    from afprobe.activations.cache import earliest_needed, resolve_layers
     from afprobe.activations.batching import plan_prefix
+    from afprobe.activations.cache import earliest_needed, resolve_layers
 
     config = backend.model.config
     blocks = backend.adapter.blocks(backend.model)
@@ -490,6 +491,16 @@ def trunk_grid(unit: Any, layer: int, site: str = "resid_post") -> list[Any]:
     return specs
 
 
+def trunk_layer(cfg: Config, n_layers: int) -> int:
+    """The layer `trunk_speedup` steers at: `bench.trunk_layer`, or the middle layer."""
+    layer = cfg.bench.trunk_layer
+    if layer is None:
+        return n_layers // 2
+    if layer >= n_layers:
+        raise BadInput(f"bench.trunk_layer {layer} is not a layer of this model (0..{n_layers - 1})")
+    return layer
+
+
 def bench_trunk(backend: Any, prompts: Sequence[Any], cfg: Config, repeats: int, quiet: bool) -> dict[str, Any]:
     """`score_grid` over the grid with the shared trunk vs without (each condition its own `score`), the same
     prompts and batches, interleaved batch by batch in alternating order; fresh runners per repeat (both pay for
@@ -501,7 +512,7 @@ def bench_trunk(backend: Any, prompts: Sequence[Any], cfg: Config, repeats: int,
     from afprobe.activations.trunk import trunk_boundary
 
     n_new = cfg.bench.max_new_tokens
-    layer = backend.n_layers // 2
+    layer = trunk_layer(cfg, backend.n_layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     unit = torch.randn(backend.d_model, generator=gen)
     unit = unit / unit.norm()
@@ -861,6 +872,7 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
                      "raise queries.limit for the requested sizes")
 
     shape = sweep_shape(cfg, backend.n_layers, backend.d_model)  # checked before the long measurements
+    trunk_layer(cfg, backend.n_layers)
 
     phases = {"load_and_prompts": _clock() - start}
     t0 = _clock()

@@ -265,6 +265,7 @@ class BenchConfig(_Strict):
     # probe sweep vs a per-key scikit-learn loop, on synthetic features of the config's shape
     sweep_queries: Optional[int] = Field(default=None, ge=2)  # None: as many as the config's queries
     sweep_ref_keys: int = Field(default=9, ge=0)  # keys the scikit-learn loop runs on (spread evenly; 0 = all)
+    trunk_layer: Optional[int] = Field(default=None, ge=0)  # trunk_speedup's steered layer (None: n_layers // 2)
 
 
 class OrganismConfig(_Strict):

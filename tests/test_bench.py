@@ -30,7 +30,7 @@ def tiny_folder(tmp_path_factory, smol_tokenizer):
 def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     out = tmp_path / "bench.json"
     overrides = [f"model.spec={tiny_folder}", "bench.n_prompts=4", "bench.n_generate=2", "bench.rss_n=2",
-                 "queries.limit=4", "cache.layers=[0,1]", "bench.sweep_queries=20", "bench.sweep_ref_keys=2"]
+                 "queries.limit=4", "cache.layers=[0,1]", "bench.sweep_queries=20", "bench.sweep_ref_keys=2", "bench.trunk_layer=1"]
     returned = run_bench(None, overrides, str(out), quiet=True)
     data = json.loads(out.read_text())
     for key in REQUIRED + ("max_abs_diff",):
@@ -65,7 +65,16 @@ def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     assert fc["linear_flops_per_token"] == 2 * sum(p.numel() for p in cached_blocks.parameters())
     tr = d["trunk_speedup"]  # same outputs with and without the shared trunk
     assert tr["n_conditions"] == 7 and tr["max_logodds_diff"] < 1e-5 and tr["same_text_fraction"] == 1.0
+    assert tr["layer"] == 1 and tr["trunk_blocks"] == 2  # resid_post at 1: blocks 0 and 1 are shared
     assert tr["prompt_pass_block_tokens"]["shared"] < tr["prompt_pass_block_tokens"]["unshared"]
     assert data["prefix_limit_fraction"] == data["prefix_speedup"] * data["computed_token_fraction"]
     table = capsys.readouterr().out
     assert "cache_vs_hf" in table and "probe_sweep_speedup" in table and "probe_max_auroc_diff" in table
+
+
+def test_bench_refuses_a_trunk_layer_the_model_lacks(tiny_folder):
+    from afprobe.errors import BadInput
+
+    with pytest.raises(BadInput, match="bench.trunk_layer 9"):
+        run_bench(None, [f"model.spec={tiny_folder}", "queries.limit=4", "bench.sweep_queries=20", "bench.trunk_layer=9"],
+                  None, quiet=True)
