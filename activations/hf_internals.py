@@ -209,11 +209,14 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
     # own tokens: causal and padding mask, the same for every head of a group (and every block)
     additive, unseen = _own_terms(attention_mask, t, own, g, query.dtype, query.device)
     o2, l2 = _flash_cpu(q, key, value, additive, scaling)
-    w1 = torch.sigmoid(l1 - l2).masked_fill(unseen.expand_as(l2), 1.0)  # the prefix part's share
-    if o1.dtype == torch.float32:
-        out = torch.lerp(o2, o1, w1[..., None])
-    else:  # bf16/fp16: merge in float32, as the softmax weights are
-        out = torch.lerp(o2.float(), o1.float(), w1[..., None]).to(query.dtype)
+    # the prefix part's share w1 = e1 / (e1 + e2) on the small [b, kvh, g*t] tensors. Not torch.sigmoid or lerp:
+    # their CPU kernels round differently in the vector body and the scalar tail, so a row's result would depend on
+    # how many rows share the batch (stacked trunk branches must equal the conditions run one by one)
+    m = torch.maximum(l1, l2)
+    e1, e2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    w1 = (e1 / (e1 + e2)).masked_fill_(unseen.expand_as(l2), 1.0)
+    o2 = o2.float()
+    out = (o1.float() - o2).mul_(w1[..., None]).add_(o2).to(query.dtype)  # o2 + w1 (o1 - o2); bf16/fp16 in float32
     return rearrange(out, "b kvh (g t) d -> b t (kvh g) d", g=g).contiguous(), None
 
 

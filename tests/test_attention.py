@@ -94,3 +94,27 @@ def test_split_prefix_attention_gradients_equal_sdpa() -> None:
     ref = torch.autograd.grad((_reference(q, pk, pv, k, v, mask) * weights).sum(), (q, k, v))
     for a, r in zip(got, ref):
         assert (a - r).abs().max().item() < TOL
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_stacked_with_it() -> None:
+    """The trunk runs conditions stacked as rows and must equal running them one by one: exactly, not within a
+    tolerance (some CPU kernels round differently in their vector body and scalar tail)."""
+    gen = torch.Generator().manual_seed(0)
+    b, kvh, g, P, t, d = 5, 3, 3, 300, 141, 64  # shapes where those kernels' tails do show
+    q = torch.randn(b, kvh * g, t, d, generator=gen)
+    pk, pv = (torch.randn(1, kvh, P, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, kvh, t, d, generator=gen) for _ in range(2))
+    keep = torch.arange(t)[None, :] >= torch.tensor([0, 11, 21, 6, 40])[:, None]  # left padding
+    causal = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+    mask = torch.cat([torch.ones(b, 1, t, P, dtype=torch.bool), (causal[None] & keep[:, None])[:, None]], -1)
+
+    def run(c: int) -> torch.Tensor:
+        stack = lambda x: x.repeat(c, *([1] * (x.dim() - 1)))  # noqa: E731
+        key = stack(k)
+        setattr(key, PREFIX_ATTR, (pk, pv))
+        with torch.inference_mode():
+            return split_prefix_attention(_Module(), stack(q), key, stack(v), stack(mask), scaling=d ** -0.5)[0][:b]
+
+    alone = run(1)
+    for c in range(2, 9):  # different stack sizes put different rows in the kernels' tails
+        assert torch.equal(alone, run(c)), c
