@@ -141,33 +141,6 @@ def _own_mask(attention_mask: Optional[torch.Tensor], t: int, own: int, device: 
     return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
 
 
-_own_cache: list[Any] = []  # [key, mask held (so its id stays unique), (additive, unseen)]: one forward's mask
-
-
-def _own_terms(attention_mask: Optional[torch.Tensor], t: int, own: int, g: int, dtype: torch.dtype,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(additive own-token mask [b|1, 1, g*t, own], unseen [b|1, 1, g*t]: queries that see no own token).
-
-    Every block of a forward gets the same mask object, so this is built once per forward. A query that sees no
-    own token (left padding) is let see its first own column so its own-part output stays finite; `unseen` then
-    gives that part weight 0."""
-    try:
-        version = None if attention_mask is None else attention_mask._version
-    except RuntimeError:  # inference tensors keep no version counter
-        version = None
-    key = (id(attention_mask), version, t, own, g, dtype, device, torch.is_inference_mode_enabled())
-    if _own_cache and _own_cache[0] == key:
-        return _own_cache[2]
-    seen = _own_mask(attention_mask, t, own, device)  # [b|1, 1, t, own]
-    seen = repeat(seen.expand(seen.shape[0], 1, t, own), "b 1 t o -> b 1 (g t) o", g=g)
-    unseen = ~seen.any(-1)
-    seen = seen.clone()
-    seen[..., 0] |= unseen
-    additive = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
-    _own_cache[:] = [key, attention_mask, (additive, unseen)]
-    return additive, unseen
-
-
 def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                            scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -179,8 +152,8 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
     With a reused prefix (the system prompt, ~1500 tokens here) HF's sdpa path joins the prefix with each
     row's own keys (one copy per row) and repeats the keys for every query head sharing them (GQA). Here
     the prefix is attended once for all rows and query heads (queries folded into one long block), each
-    row's own tokens separately, and the two softmaxes are merged by their log-sum-exp: the prefix part's
-    weight is sigmoid(lse_prefix - lse_own). Equal to sdpa within float error (tests/test_attention.py)."""
+    row's own tokens separately, and the two softmaxes are merged by their log-sum-exp. Equal to sdpa
+    within float error (tests/test_attention.py)."""
     prefix = getattr(key, PREFIX_ATTR, None)
     # the CPU flash op's backward ignores the log-sum-exp the merge uses: with gradients, join and use sdpa
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
@@ -206,18 +179,16 @@ def split_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, 
         l1 = rearrange(l1, "1 kvh (b r) -> b kvh r", b=b)
     else:
         o1, l1 = _flash_cpu(q, pk, pv, None, scaling)
-    # own tokens: causal and padding mask, the same for every head of a group (and every block)
-    additive, unseen = _own_terms(attention_mask, t, own, g, query.dtype, query.device)
+    # own tokens: causal and padding mask, the same for every head of a group
+    seen = _own_mask(attention_mask, t, own, query.device)  # [b|1, 1, t, own]
+    seen = repeat(seen.expand(seen.shape[0], 1, t, own), "b 1 t o -> b 1 (g t) o", g=g)
+    additive = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
     o2, l2 = _flash_cpu(q, key, value, additive, scaling)
-    # the prefix part's share w1 = e1 / (e1 + e2) on the small [b, kvh, g*t] tensors. Not torch.sigmoid or lerp:
-    # their CPU kernels round differently in the vector body and the scalar tail, so a row's result would depend on
-    # how many rows share the batch (stacked trunk branches must equal the conditions run one by one)
+    l2 = l2.masked_fill(~seen.any(-1).expand_as(l2), float("-inf"))  # no own token visible: weight 0
     m = torch.maximum(l1, l2)
-    e1, e2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    w1 = (e1 / (e1 + e2)).masked_fill_(unseen.expand_as(l2), 1.0)
-    o2 = o2.float()
-    out = (o1.float() - o2).mul_(w1[..., None]).add_(o2).to(query.dtype)  # o2 + w1 (o1 - o2); bf16/fp16 in float32
-    return rearrange(out, "b kvh (g t) d -> b t (kvh g) d", g=g).contiguous(), None
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    out = (o1 * w1[..., None] + o2.nan_to_num() * w2[..., None]) / (w1 + w2)[..., None]
+    return rearrange(out.to(query.dtype), "b kvh (g t) d -> b t (kvh g) d", g=g).contiguous(), None
 
 
 if _HF:

@@ -77,7 +77,8 @@ def test_prefix_layer_splits_only_inside_the_context() -> None:
 
 
 def test_split_prefix_attention_gradients_equal_sdpa() -> None:
-    """Training (the organism) backpropagates through the merge: same gradients as sdpa over the joined keys."""
+    """With gradients the attention takes sdpa over the joined keys (the CPU flash op's backward ignores the
+    log-sum-exp the merge needs), so gradients equal sdpa's."""
     gen = torch.Generator().manual_seed(0)
     b, kvh, g, P, t, d = 2, 2, 3, 7, 4, 8
     q = torch.randn(b, kvh * g, t, d, generator=gen, requires_grad=True)

@@ -30,7 +30,8 @@ def tiny_folder(tmp_path_factory, smol_tokenizer):
 def test_bench_writes_every_figure(tiny_folder, tmp_path, capsys):
     out = tmp_path / "bench.json"
     overrides = [f"model.spec={tiny_folder}", "bench.n_prompts=4", "bench.n_generate=2", "bench.rss_n=2",
-                 "queries.limit=4", "cache.layers=[0,1]", "bench.sweep_queries=20", "bench.sweep_ref_keys=2", "bench.trunk_layer=1"]
+                 "queries.limit=4", "cache.layers=[0,1]", "bench.sweep_queries=20", "bench.sweep_ref_keys=2",
+                 "bench.trunk_layer=1"]
     returned = run_bench(None, overrides, str(out), quiet=True)
     data = json.loads(out.read_text())
     for key in REQUIRED + ("max_abs_diff",):
@@ -76,5 +77,5 @@ def test_bench_refuses_a_trunk_layer_the_model_lacks(tiny_folder):
     from afprobe.errors import BadInput
 
     with pytest.raises(BadInput, match="bench.trunk_layer 9"):
-        run_bench(None, [f"model.spec={tiny_folder}", "queries.limit=4", "bench.sweep_queries=20", "bench.trunk_layer=9"],
-                  None, quiet=True)
+        run_bench(None, [f"model.spec={tiny_folder}", "queries.limit=4", "bench.sweep_queries=20",
+                         "bench.trunk_layer=9"], None, quiet=True)
