@@ -132,6 +132,16 @@ def plan_prefix(seqs: Sequence[Sequence[int]], earliest_needed: Sequence[int]) -
     return max(0, min(common_prefix_len(seqs), min(earliest_needed), min(len(s) for s in seqs) - 1))
 
 
+def group_prefixes(seqs: Sequence[Sequence[int]], keys: Sequence[Any],
+                   earliest_needed: Sequence[int]) -> dict[Any, int]:
+    """Per group key, the prefix length `run_batches` reuses for that group's sequences (`plan_prefix`)."""
+    out: dict[Any, int] = {}
+    for key in dict.fromkeys(keys):
+        members = [i for i, k in enumerate(keys) if k == key]
+        out[key] = plan_prefix([seqs[i] for i in members], [earliest_needed[i] for i in members])
+    return out
+
+
 def run_batches(
     seqs: Sequence[Sequence[int]],
     group_keys: Sequence[Any],
@@ -154,11 +164,7 @@ def run_batches(
     total = sum(len(s) for s in seqs)
     computed = 0
     # With reuse the batch budget counts suffix tokens only: plan prefixes per group first.
-    group_prefix: dict[Any, int] = {}
-    if reuse:
-        for key in dict.fromkeys(group_keys):
-            members = [i for i, k in enumerate(group_keys) if k == key]
-            group_prefix[key] = plan_prefix([seqs[i] for i in members], [earliest_needed[i] for i in members])
+    group_prefix = group_prefixes(seqs, group_keys, earliest_needed) if reuse else {}
     lengths = [len(s) - group_prefix.get(k, 0) for s, k in zip(seqs, group_keys)]
     for rows in budget_batches(lengths, group_keys, budget, max_batch):
         p = group_prefix.get(group_keys[rows[0]], 0)

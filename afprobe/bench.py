@@ -271,7 +271,7 @@ def flop_limit(backend: Any, prompts: Sequence[Any], cache_cfg: Any) -> dict[str
     to (scores and weighted values). Without reuse token j of a prompt attends to j keys; with reuse the prefix runs
     once per group and each suffix token attends to the whole prefix plus its own earlier tokens, so attention to
     the prefix is work the token-count limit leaves out."""
-    from afprobe.activations.batching import plan_prefix
+    from afprobe.activations.batching import group_prefixes
     from afprobe.activations.cache import earliest_needed, resolve_layers
 
     config = backend.model.config
@@ -285,14 +285,11 @@ def flop_limit(backend: Any, prompts: Sequence[Any], cache_cfg: Any) -> dict[str
     def causal(n: int, before: int = 0) -> float:  # n tokens after `before` keys: linear + sum of contexts
         return n * linear + per_key * (n * before + n * (n + 1) / 2)
 
-    groups: dict[Any, list[Any]] = {}
-    for p in prompts:
-        groups.setdefault(p.system_key, []).append(p)
+    prefix = group_prefixes([p.input_ids for p in prompts], [p.system_key for p in prompts],
+                            [earliest_needed(p, cache_cfg.positions) for p in prompts])
     plain = sum(causal(len(p.input_ids)) for p in prompts)
-    reuse = 0.0
-    for members in groups.values():
-        prefix = plan_prefix([m.input_ids for m in members], [earliest_needed(m, cache_cfg.positions) for m in members])
-        reuse += causal(prefix) + sum(causal(len(m.input_ids) - prefix, prefix) for m in members)
+    reuse = sum(causal(n) for n in prefix.values())  # each group's prefix, run once
+    reuse += sum(causal(len(p.input_ids) - prefix[p.system_key], prefix[p.system_key]) for p in prompts)
     return {"flop_limit": plain / reuse, "no_reuse_gflop": plain / 1e9, "reuse_gflop": reuse / 1e9,
             "linear_flops_per_token": linear, "attention_flops_per_key": per_key}
 
@@ -359,13 +356,10 @@ def bench_cache(backend: Any, hf_model: Any, prompts: Sequence[Any], cfg: Config
 
 def _reuse_plan(prompts: Sequence[Any], budget: int, max_batch: int) -> list[list[int]]:
     """The batches `SteeringRunner` forms with prefix reuse (as `run_batches` plans them)."""
-    from afprobe.activations.batching import budget_batches, plan_prefix
+    from afprobe.activations.batching import budget_batches, group_prefixes
 
     keys = [p.system_key for p in prompts]
-    prefix = {}
-    for key in dict.fromkeys(keys):
-        members = [p for p in prompts if p.system_key == key]
-        prefix[key] = plan_prefix([p.input_ids for p in members], [p.user_span[0] for p in members])
+    prefix = group_prefixes([p.input_ids for p in prompts], keys, [p.user_span[0] for p in prompts])
     return budget_batches([len(p.input_ids) - prefix[p.system_key] for p in prompts], keys, budget, max_batch)
 
 
@@ -601,15 +595,12 @@ def _rss_child(config_json: str, n: int) -> None:
 
 def _cache_plan(prompts: Sequence[Any], cache_cfg: Any) -> list[list[int]]:
     """The batches (row indices) the cache stage forms with prefix reuse, as `run_batches` plans them."""
-    from afprobe.activations.batching import budget_batches, plan_prefix
+    from afprobe.activations.batching import budget_batches, group_prefixes
     from afprobe.activations.cache import earliest_needed
 
     keys = [p.system_key for p in prompts]
-    prefix = {}
-    for key in dict.fromkeys(keys):
-        members = [p for p in prompts if p.system_key == key]
-        prefix[key] = plan_prefix([p.input_ids for p in members], [earliest_needed(p, cache_cfg.positions)
-                                                                    for p in members])
+    prefix = group_prefixes([p.input_ids for p in prompts], keys,
+                            [earliest_needed(p, cache_cfg.positions) for p in prompts])
     return budget_batches([len(p.input_ids) - prefix[p.system_key] for p in prompts], keys, cache_cfg.batch_tokens)
 
 
@@ -938,7 +929,7 @@ def run_bench(config: Optional[str], overrides: Sequence[str] = (), json_path: O
         f"prefix_limit_fraction: the token-count limit {1 / results['computed_token_fraction']:.2f}x counts every "
         f"computed token alike, but with reuse each suffix token attends to the whole shared prefix; counting "
         f"flops (linear maps + dense attention, padding excluded) the limit is {flops['flop_limit']:.2f}x and "
-        f"prefix_speedup reaches {results['prefix_speedup'] / flops['flop_limit']:.2f} of it "
+        f"prefix_speedup reaches {details['prefix_limit_fraction']['flop_count']['fraction_reached']:.2f} of it "
         "(details.prefix_limit_fraction.flop_count)")
     td = details["trunk_speedup"]
     bt = td["prompt_pass_block_tokens"]
